@@ -1,0 +1,12 @@
+"""opd-client: what every trainer installs to talk to the OPD Teacher service."""
+from opd_client.client import AsyncTeacherClient, RetryPolicy, TeacherClient
+from opd_client.errors import (ConfigError, InternalError, InvalidRequest, OPDError, PayloadTooLarge,
+                               PermissionDenied, QueueFull, ResourceExhausted, Unauthenticated,
+                               Unavailable)
+from opd_client.types import ModelInfo, ScoreResponse, Sequence, SequenceScores, Usage
+
+__all__ = [
+    "AsyncTeacherClient", "TeacherClient", "RetryPolicy", "Sequence", "SequenceScores", "ScoreResponse",
+    "ModelInfo", "Usage", "OPDError", "InvalidRequest", "PayloadTooLarge", "Unauthenticated",
+    "PermissionDenied", "ResourceExhausted", "QueueFull", "Unavailable", "ConfigError", "InternalError",
+]

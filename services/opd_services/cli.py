@@ -1,0 +1,53 @@
+"""The `opd` command: serve, demo (and, as they land: scorer, train, experiments)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from opd_services.errors import ConfigError
+
+
+def _settings(args: argparse.Namespace):
+    from opd_services.config import Settings
+    keys = ("model", "engine", "host", "http_port", "grpc_port", "device", "dtype", "max_top_k")
+    return Settings.load(**{k: getattr(args, k, None) for k in keys})
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from opd_services.teacher.server import TeacherServer
+    settings = _settings(args)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(TeacherServer(settings).serve_forever())
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from opd_services.demo import run_demo
+    return run_demo(_settings(args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="opd", description="OPD Teacher: teacher-as-a-service for on-policy distillation.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    serve = sub.add_parser("serve", help="run the teacher (HTTP + gRPC) over one engine")
+    for sp in (serve, sub.add_parser("demo", help="start the teacher on embedded defaults, score a sample, stop")):
+        sp.add_argument("--model", help="HF-format model directory (OPD_MODEL)")
+        sp.add_argument("--engine", choices=["torch", "vllm", "uniform"], help="OPD_ENGINE")
+        sp.add_argument("--host", help="bind address (OPD_HOST)")
+        sp.add_argument("--http-port", type=int, help="OPD_HTTP_PORT")
+        sp.add_argument("--grpc-port", type=int, help="OPD_GRPC_PORT")
+        sp.add_argument("--device", help="OPD_DEVICE: auto, cpu, cuda")
+        sp.add_argument("--dtype", help="OPD_DTYPE: auto, float32, bfloat16, float16")
+        sp.add_argument("--max-top-k", type=int, help="OPD_MAX_TOP_K")
+    args = p.parse_args(argv)
+    try:
+        return {"serve": cmd_serve, "demo": cmd_demo}[args.cmd](args)
+    except ConfigError as e:
+        print(f"opd: configuration error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Settings: one frozen object per process, read from OPD_* environment variables.
+
+CLI flags override the environment (`Settings.load(overrides)`). A bad value fails at
+start-up with a ConfigError naming the variable, its value and the reason. This module
+reads configuration only; it starts nothing.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from opd_services.errors import ConfigError
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OPD_", frozen=True, extra="forbid")
+
+    # --- teacher model and engine ---
+    model: str | None = Field(None, description="Path of an HF-format model directory; unset = the embedded default teacher.")
+    engine: Literal["torch", "vllm", "uniform"] = Field("torch", description="Scoring engine: torch (default), vllm, or uniform (zero-cost test engine).")
+    device: str = Field("auto", description="torch device for the torch engine: auto, cpu, cuda, cuda:N.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype; auto = float32 on CPU, bfloat16 on CUDA.")
+    cache_dir: Path = Field(Path(os.path.expanduser("~/.cache/opd")), description="Where built checkpoints (the embedded default teacher) are cached.")
+
+    # --- network ---
+    host: str = Field("127.0.0.1", description="Address the HTTP and gRPC servers bind (0.0.0.0 in containers).")
+    http_port: int = Field(8000, ge=0, le=65535, description="HTTP port (0 = pick a free one).")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = pick a free one).")
+    teacher_url: str = Field("grpc://127.0.0.1:50051", description="Teacher address for scorers and trainers: grpc://HOST:PORT or http://HOST:PORT.")
+    redis_url: str | None = Field(None, description="Redis/Valkey URL; unset = start an embedded Valkey.")
+
+    # --- limits (bad input is refused with 422 / INVALID_ARGUMENT) ---
+    max_top_k: int = Field(20, ge=0, le=1024, description="Largest top_k a request may ask for.")
+    max_candidates: int = Field(256, ge=1, description="Most candidate ids per scored position.")
+    max_request_sequences: int = Field(1024, ge=1, description="Most sequences in one request.")
+    max_request_tokens: int = Field(262_144, ge=2, description="Most tokens (summed over sequences) in one request.")
+    max_body_bytes: int = Field(64 << 20, ge=1024, description="Largest request body, HTTP and gRPC; larger ones are refused unread.")
+
+    # --- batching ---
+    max_batch_tokens: int = Field(16_384, ge=16, description="Token budget of one engine batch (padded tokens).")
+    batch_wait_ms: float = Field(2.0, ge=0, le=1000, description="How long a non-full batch waits for more requests.")
+    batching: bool = Field(True, description="Merge concurrent requests into batches (off only to measure its effect).")
+
+    # --- lifecycle ---
+    drain_timeout_s: float = Field(25.0, ge=0, description="On SIGTERM, how long in-flight requests may finish; keep below the k8s grace period.")
+    log_level: str = Field("info", description="Python log level.")
+
+    # --- tenancy ---
+    auth: Literal["on", "off", "auto"] = Field("auto", description="on | off; auto = on once experiments exist.")
+    admin_key: str | None = Field(None, description="Key that manages experiments.")
+
+    @field_validator("teacher_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("grpc://", "http://", "https://")):
+            raise ValueError("must start with grpc://, http:// or https://")
+        return v
+
+    @classmethod
+    def load(cls, **overrides) -> "Settings":
+        """Environment, then non-None overrides (CLI flags). Raises ConfigError on a bad value."""
+        try:
+            return cls(**{k: v for k, v in overrides.items() if v is not None})
+        except ValidationError as e:
+            err = e.errors()[0]
+            name = str(err["loc"][0]) if err["loc"] else "?"
+            env = f"OPD_{name.upper()}"
+            value = overrides.get(name, os.environ.get(env))
+            raise ConfigError(f"{env}={value!r}: {err['msg']}") from None

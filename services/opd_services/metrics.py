@@ -1,0 +1,29 @@
+"""Prometheus metrics (prefix `opd_`), defined once for the process.
+
+Names here are the contract for monitoring/: the dashboard and alert rules use only these
+(a test checks). Experiment labels take registered names only, so cardinality stays
+bounded; requests without tenancy are accounted to "default".
+"""
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, Info
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+# --- teacher ---
+REQUESTS = Counter("opd_requests_total", "Requests served", ["route", "code", "experiment"])
+REQUEST_LATENCY = Histogram("opd_request_latency_seconds", "Request latency, received to answered",
+                            ["route"], buckets=LATENCY_BUCKETS)
+SCORED_TOKENS = Counter("opd_scored_tokens_total", "Tokens scored (positions >= score_from)", ["experiment"])
+TEACHER_SECONDS = Counter("opd_teacher_seconds_total", "Engine seconds spent, shared out by tokens", ["experiment"])
+BATCH_SEQUENCES = Histogram("opd_batch_sequences", "Sequences per engine batch",
+                            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
+BATCH_TOKENS = Histogram("opd_batch_tokens", "Padded tokens per engine batch",
+                         buckets=(64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536))
+BATCH_PADDING = Histogram("opd_batch_padding_ratio", "Share of a batch's tokens that are padding",
+                          buckets=(0, 0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1))
+FORWARD_SECONDS = Histogram("opd_forward_seconds", "Engine time per batch", buckets=LATENCY_BUCKETS)
+INFLIGHT_TOKENS = Gauge("opd_inflight_tokens", "Tokens accepted and not yet answered")
+QUEUED_SEQUENCES = Gauge("opd_batcher_queued_sequences", "Sequences waiting for the engine")
+ENGINE_INFO = Info("opd_engine", "The teacher model and engine being served")
+READY = Gauge("opd_ready", "1 when the engine is loaded and the service accepts requests")

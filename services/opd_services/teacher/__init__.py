@@ -1,0 +1,1 @@
+"""The teacher: engines, the batcher, ScoringService, and its HTTP and gRPC surfaces."""

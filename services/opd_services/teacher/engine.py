@@ -1,0 +1,75 @@
+"""The engine protocol: what ScoringService needs from a model, and the typed items it passes.
+
+An engine turns token ids into teacher logprobs. It knows nothing of HTTP, gRPC, requests,
+batching policy or tenancy: it receives an already-validated batch and scores it.
+`score` is called from the batcher's single engine thread only.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from opd_client.types import ModelInfo
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreItem:
+    """One validated sequence with its scoring options."""
+
+    token_ids: np.ndarray                   # int64 [L]
+    score_from: int                         # 1 <= s < L
+    top_k: int = 0
+    temperature: float = 1.0
+    entropy: bool = False
+    candidate_ids_T_C: np.ndarray | None = None   # int64 [L - s, C]
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.token_ids.shape[0])
+
+    @property
+    def n_scored(self) -> int:
+        return self.n_tokens - self.score_from
+
+
+@dataclass(frozen=True, slots=True)
+class ItemScores:
+    """An engine's answer for one ScoreItem; axis T runs over positions [s, L)."""
+
+    logprobs_T: np.ndarray                          # float32 [T]
+    top_ids_T_K: np.ndarray | None = None           # int64 [T, K]
+    top_logprobs_T_K: np.ndarray | None = None      # float32 [T, K]
+    candidate_logprobs_T_C: np.ndarray | None = None  # float32 [T, C]
+    entropy_T: np.ndarray | None = None             # float32 [T]
+
+
+class Engine(Protocol):
+    info: ModelInfo
+
+    def score(self, items: list[ScoreItem]) -> list[ItemScores]:
+        """Score a batch; blocking. Results are in the order of `items`."""
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+REVISION_GLOBS = ("*.safetensors", "*.bin", "*.pt", "config.json", "tokenizer*", "*.model",
+                  "vocab*", "merges.txt", "special_tokens_map.json")
+
+
+def revision_hash(model_dir: str | Path) -> str:
+    """sha256 over the weights, config and tokenizer files (names and bytes), sorted."""
+    root = Path(model_dir)
+    files = sorted({p for g in REVISION_GLOBS for p in root.glob(g) if p.is_file()})
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode() + b"\0")
+        with p.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return "sha256:" + h.hexdigest()

@@ -1,0 +1,157 @@
+"""`opd serve`: the HTTP and gRPC surfaces over one ScoringService and one engine, one process.
+
+Shutdown, spelled out (SIGTERM or SIGINT):
+  1) stop being ready: /readyz and gRPC health answer NOT_SERVING, new requests get 503;
+  2) stop accepting connections, let in-flight requests finish within drain_timeout_s;
+  3) stop the batcher and close the engine; exit.
+A second signal exits at once. Keep drain_timeout_s below the k8s termination grace period.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import threading
+from typing import Callable
+
+import uvicorn
+
+from opd_services.config import Settings
+from opd_services.teacher.engine import Engine
+from opd_services.teacher.engines import engine_factory
+from opd_services.teacher.grpc import create_server
+from opd_services.teacher.http import create_app
+from opd_services.teacher.service import ScoringService
+
+log = logging.getLogger(__name__)
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling: TeacherServer owns the process's signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+class TeacherServer:
+    def __init__(self, settings: Settings, engine: Callable[[], Engine] | None = None):
+        self.settings = settings
+        self.service = ScoringService(settings, engine or engine_factory(settings))
+        self.http_port = 0
+        self.grpc_port = 0
+        self._uvicorn: _Uvicorn | None = None
+        self._http_task: asyncio.Task | None = None
+        self._stopping: asyncio.Task | None = None
+
+    async def start(self, wait_ready: bool = True) -> None:
+        s = self.settings
+        # gRPC first, then HTTP: both answer health while the engine loads
+        self._grpc, self._grpc_surface = create_server(self.service, s.max_body_bytes)
+        host = f"[{s.host}]" if ":" in s.host else s.host
+        self.grpc_port = self._grpc.add_insecure_port(f"{host}:{s.grpc_port}")
+        await self._grpc_surface.set_serving(False)
+        await self._grpc.start()
+        sock = _bind(s.host, s.http_port)
+        self.http_port = sock.getsockname()[1]
+        app = create_app(self.service, s.max_body_bytes)
+        config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
+                                timeout_graceful_shutdown=int(s.drain_timeout_s) or None)
+        self._uvicorn = _Uvicorn(config)
+        self._http_task = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))
+        log.info("teacher listening: http://%s:%d grpc://%s:%d", s.host, self.http_port, s.host, self.grpc_port)
+        loading = asyncio.create_task(self._load())
+        if wait_ready:
+            await loading
+
+    async def _load(self) -> None:
+        await self.service.start()
+        await self._grpc_surface.set_serving(True)
+
+    async def stop(self) -> None:
+        if self._stopping is None:
+            self._stopping = asyncio.create_task(self._stop())
+        await self._stopping
+
+    async def _stop(self) -> None:
+        timeout = self.settings.drain_timeout_s
+        log.info("draining (up to %.0fs)", timeout)
+        # 1) not ready any more
+        self.service.draining = True
+        await self._grpc_surface.set_serving(False)
+        # 2) stop accepting; in-flight requests finish
+        self._uvicorn.should_exit = True
+        await asyncio.gather(self._grpc.stop(grace=timeout), self._http_task, return_exceptions=True)
+        # 3) engine down
+        await self.service.shutdown(timeout)
+        log.info("teacher stopped")
+
+    async def serve_forever(self) -> None:
+        """Run until SIGTERM/SIGINT, then drain; a second signal exits at once."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+
+        def on_signal(sig: int) -> None:
+            if stop.is_set():
+                log.warning("second %s: exiting without draining", signal.Signals(sig).name)
+                os._exit(1)
+            stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig)
+        await self.start(wait_ready=False)
+        await stop.wait()
+        await self.stop()
+
+
+class BackgroundTeacher:
+    """A TeacherServer on its own event loop thread: for tests, benches and the demo.
+
+        with BackgroundTeacher(settings) as t:
+            TeacherClient(f"http://127.0.0.1:{t.http_port}")
+    """
+
+    def __init__(self, settings: Settings, engine: Callable[[], Engine] | None = None):
+        self.server = TeacherServer(settings, engine)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="opd-teacher-loop", daemon=True)
+
+    def start(self) -> "BackgroundTeacher":
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result()
+        return self
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self._host()}:{self.server.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"grpc://{self._host()}:{self.server.grpc_port}"
+
+    def _host(self) -> str:
+        h = self.server.settings.host
+        return f"[{h}]" if ":" in h else h
+
+    def __enter__(self) -> "BackgroundTeacher":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

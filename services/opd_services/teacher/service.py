@@ -1,0 +1,184 @@
+"""ScoringService: the one core behind every surface (HTTP, gRPC, the vLLM dialect).
+
+It validates a request against the scoring contract (DESIGN.md), hands the sequences to the
+batcher, and returns results with the model's identity. Surfaces only parse their wire
+format into `ScoreRequest` and map `ScoreResult` / errors back. This module does no I/O
+and knows no wire format.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from opd_client.types import ModelInfo
+from opd_services import metrics
+from opd_services.config import Settings
+from opd_services.errors import InvalidRequest, Unavailable
+from opd_services.teacher.batcher import Batcher
+from opd_services.teacher.engine import Engine, ItemScores, ScoreItem
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SequenceIn:
+    token_ids: Any                  # list[int] or an int array, length L
+    score_from: int = 1
+    id: str = ""
+    candidate_ids: Any = None       # [L - s][C] ids, list of lists or a 2-D int array
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreRequest:
+    sequences: list[SequenceIn]
+    top_k: int = 0
+    temperature: float = 1.0
+    entropy: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreResult:
+    model: ModelInfo
+    ids: list[str]
+    scores: list[ItemScores]
+    top_k: int
+    scored_tokens: int
+    total_tokens: int
+
+
+class ScoringService:
+    def __init__(self, settings: Settings, engine_factory: Callable[[], Engine]):
+        self.settings = settings
+        self._engine_factory = engine_factory
+        self.engine: Engine | None = None
+        self.batcher: Batcher | None = None
+        self.draining = False
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the engine off the event loop (health answers meanwhile), then start batching."""
+        self.engine = await asyncio.to_thread(self._engine_factory)
+        s = self.settings
+        self.batcher = Batcher(self.engine, max_batch_tokens=s.max_batch_tokens,
+                               batch_wait_ms=s.batch_wait_ms, batching=s.batching)
+        self.batcher.start()
+        metrics.ENGINE_INFO.info({k: str(v) for k, v in self.engine.info.to_dict().items()})
+        metrics.READY.set(1)
+        log.info("teacher ready: %s", self.engine.info)
+
+    @property
+    def ready(self) -> bool:
+        return self.batcher is not None and not self.draining
+
+    async def shutdown(self, timeout: float) -> None:
+        """Refuse new work, let in-flight requests finish (up to `timeout`), stop the engine."""
+        self.draining = True
+        metrics.READY.set(0)
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            log.warning("drain timeout (%.1fs) with %d request(s) in flight", timeout, self._inflight)
+        if self.batcher is not None:
+            await asyncio.to_thread(self.batcher.stop, 5.0)
+        if self.engine is not None:
+            self.engine.close()
+
+    def model_info(self) -> ModelInfo:
+        if self.engine is None:
+            raise Unavailable("the teacher engine is still loading; retry when GET /readyz answers 200")
+        return self.engine.info
+
+    # ---- scoring ------------------------------------------------------------------------
+
+    async def score(self, req: ScoreRequest, experiment: str = "default") -> ScoreResult:
+        if not self.ready:
+            raise Unavailable("the teacher is draining" if self.draining else
+                              "the teacher engine is still loading; retry when GET /readyz answers 200")
+        items = self.validate(req)
+        self._inflight += 1
+        self._idle.clear()
+        try:
+            scores = await self.batcher.submit(items, experiment)
+        finally:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()
+        scored = sum(it.n_scored for it in items)
+        metrics.SCORED_TOKENS.labels(experiment).inc(scored)
+        return ScoreResult(model=self.engine.info, ids=[s.id for s in req.sequences], scores=scores,
+                           top_k=req.top_k, scored_tokens=scored,
+                           total_tokens=sum(it.n_tokens for it in items))
+
+    def validate(self, req: ScoreRequest) -> list[ScoreItem]:
+        """Check every field against the contract; raise InvalidRequest naming the first bad one."""
+        info, s = self.model_info(), self.settings
+        if not isinstance(req.top_k, int) or not 0 <= req.top_k <= s.max_top_k:
+            raise InvalidRequest("top_k", f"must be an integer in [0, {s.max_top_k}] (the server's max), got {req.top_k!r}")
+        t = req.temperature
+        if not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            raise InvalidRequest("temperature", f"must be a finite number > 0, got {t!r}")
+        if not req.sequences:
+            raise InvalidRequest("sequences", "must hold at least one sequence")
+        if len(req.sequences) > s.max_request_sequences:
+            raise InvalidRequest("sequences", f"{len(req.sequences)} sequences; at most {s.max_request_sequences} per request")
+        items, total = [], 0
+        for i, seq in enumerate(req.sequences):
+            item = _validate_sequence(f"sequences[{i}]", seq, info, s.max_candidates, req)
+            total += item.n_tokens
+            if total > s.max_request_tokens:
+                raise InvalidRequest("sequences", f"more than {s.max_request_tokens} tokens in one request; split it")
+            items.append(item)
+        return items
+
+
+def _int_array(field: str, value: Any, ndim: int) -> np.ndarray:
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError):
+        raise InvalidRequest(field, "must be a rectangular array of integers") from None
+    if arr.dtype == object or (arr.size and arr.dtype.kind not in "iu"):
+        raise InvalidRequest(field, "must hold integers only")
+    if arr.ndim != ndim:
+        raise InvalidRequest(field, f"must be {ndim}-dimensional, got shape {list(arr.shape)}")
+    return arr.astype(np.int64, copy=False)
+
+
+def _check_vocab(field: str, arr: np.ndarray, vocab: int) -> None:
+    bad = np.flatnonzero((arr.reshape(-1) < 0) | (arr.reshape(-1) >= vocab))
+    if bad.size:
+        idx = np.unravel_index(bad[0], arr.shape)
+        where = "".join(f"[{int(j)}]" for j in idx)
+        raise InvalidRequest(f"{field}{where}", f"token id {int(arr[idx])} is outside the vocabulary [0, {vocab})")
+
+
+def _validate_sequence(field: str, seq: SequenceIn, info: ModelInfo, max_cands: int, req: ScoreRequest) -> ScoreItem:
+    ids = _int_array(f"{field}.token_ids", seq.token_ids, 1)
+    n = ids.shape[0]
+    if n < 2:
+        raise InvalidRequest(f"{field}.token_ids", f"needs at least 2 tokens, got {n}")
+    if n > info.max_model_len:
+        raise InvalidRequest(f"{field}.token_ids", f"{n} tokens exceeds the model's max length {info.max_model_len}")
+    _check_vocab(f"{field}.token_ids", ids, info.vocab_size)
+    s = seq.score_from
+    if not isinstance(s, (int, np.integer)) or isinstance(s, bool) or not 1 <= s < n:
+        raise InvalidRequest(f"{field}.score_from", f"must be an integer in [1, {n - 1}] for {n} tokens, got {s!r}")
+    cands = None
+    if seq.candidate_ids is not None:
+        cands = _int_array(f"{field}.candidate_ids", seq.candidate_ids, 2)
+        rows, width = cands.shape
+        if rows != n - s:
+            raise InvalidRequest(f"{field}.candidate_ids", f"needs one row per scored position ({n - s}), got {rows}")
+        if not 1 <= width <= max_cands:
+            raise InvalidRequest(f"{field}.candidate_ids", f"each row needs 1..{max_cands} ids, got {width}")
+        _check_vocab(f"{field}.candidate_ids", cands, info.vocab_size)
+    return ScoreItem(token_ids=ids, score_from=int(s), top_k=req.top_k, temperature=float(req.temperature),
+                     entropy=bool(req.entropy), candidate_ids_T_C=cands)

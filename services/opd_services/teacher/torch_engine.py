@@ -1,0 +1,161 @@
+"""Torch engine: exact teacher logprobs from a transformers causal LM, on CPU or CUDA.
+
+How it scores a batch:
+  1) right-pad the sequences and run the decoder body once (no LM head);
+  2) gather only the hidden states that predict positions [s, L) of each sequence;
+  3) push those rows through the LM head in chunks, each chunk in float32:
+     log-softmax statistics, the target logprob, top-k, candidates and entropy;
+  4) split the rows back per sequence.
+The full [batch, length, vocab] logits tensor is never built. Causal attention means right
+padding cannot change any real position's result.
+This module does not validate requests, batch them, or know about any wire format.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from opd_client.types import ModelInfo
+from opd_services.teacher.engine import ItemScores, ScoreItem, revision_hash
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 64 << 20   # float32 logits per LM-head chunk
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+class TorchEngine:
+    def __init__(self, model_dir: str | Path, *, device: str = "auto", dtype: str = "auto",
+                 max_top_k: int = 20, name: str | None = None):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        config = AutoConfig.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype).to(self.device).eval()
+        self.body = self.model.base_model
+        self.head = self.model.get_output_embeddings()
+        self.vocab_size = int(self.head.weight.shape[0])
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+        self.chunk_rows = max(16, CHUNK_BYTES // (4 * self.vocab_size))
+        self.info = ModelInfo(
+            name=name or Path(model_dir).resolve().name, engine="torch", engine_version=torch.__version__,
+            dtype=str(self.dtype).removeprefix("torch."), revision=revision_hash(model_dir),
+            vocab_size=self.vocab_size, max_model_len=int(getattr(config, "max_position_embeddings", 4096)),
+            max_top_k=max_top_k)
+        log.info("torch engine: %s on %s (%s), vocab %d", self.info.name, self.device, self.info.dtype,
+                 self.vocab_size)
+
+    def close(self) -> None:
+        self.model = self.body = self.head = None
+
+    @torch.inference_mode()
+    def score(self, items: list[ScoreItem]) -> list[ItemScores]:
+        # 1) decoder body over the right-padded batch
+        hidden_BL_H = self._hidden(items)
+        b, lmax, h = hidden_BL_H.shape
+        # 2) rows predicting each scored token: hidden at i-1 predicts token i
+        rows, targets, temps = [], [], []
+        for i, it in enumerate(items):
+            rows.append(np.arange(it.score_from - 1, it.n_tokens - 1) + i * lmax)
+            targets.append(it.token_ids[it.score_from:])
+            temps.append(np.full(it.n_scored, it.temperature, dtype=np.float32))
+        rows_N = torch.from_numpy(np.concatenate(rows)).to(self.device)
+        hidden_N_H = hidden_BL_H.reshape(b * lmax, h).index_select(0, rows_N)
+        targets_N = torch.from_numpy(np.concatenate(targets)).to(self.device)
+        temps_N = torch.from_numpy(np.concatenate(temps)).to(self.device)
+        cands_N_C, width = self._candidates(items)
+        # 3) LM head in chunks
+        k = max(it.top_k for it in items)
+        want_entropy = any(it.entropy for it in items)
+        out = _Rows(targets_N.shape[0], k, width, want_entropy)
+        for lo in range(0, targets_N.shape[0], self.chunk_rows):
+            hi = min(lo + self.chunk_rows, targets_N.shape[0])
+            self._head_chunk(hidden_N_H[lo:hi], targets_N[lo:hi], temps_N[lo:hi],
+                             None if cands_N_C is None else cands_N_C[lo:hi], k, want_entropy, out, lo)
+        # 4) split per sequence
+        return out.split(items)
+
+    def _hidden(self, items: list[ScoreItem]) -> torch.Tensor:
+        lens = [it.n_tokens for it in items]
+        lmax = max(lens)
+        ids = np.zeros((len(items), lmax), dtype=np.int64)
+        for i, it in enumerate(items):
+            ids[i, : lens[i]] = it.token_ids
+        ids_B_L = torch.from_numpy(ids).to(self.device)
+        mask = None
+        if min(lens) != lmax:
+            mask = (torch.arange(lmax)[None, :] < torch.tensor(lens)[:, None]).long().to(self.device)
+        return self.body(input_ids=ids_B_L, attention_mask=mask, use_cache=False).last_hidden_state
+
+    def _candidates(self, items: list[ScoreItem]) -> tuple[torch.Tensor | None, int]:
+        widths = [0 if it.candidate_ids_T_C is None else it.candidate_ids_T_C.shape[1] for it in items]
+        width = max(widths)
+        if width == 0:
+            return None, 0
+        blocks = []
+        for it, w in zip(items, widths):
+            blk = np.zeros((it.n_scored, width), dtype=np.int64)
+            if w:
+                blk[:, :w] = it.candidate_ids_T_C
+            blocks.append(blk)
+        return torch.from_numpy(np.concatenate(blocks)).to(self.device), width
+
+    def _head_chunk(self, hidden_n_H, targets_n, temps_n, cands_n_C, k, want_entropy, out, lo):
+        logits_n_V = self.head(hidden_n_H).float()
+        if self.softcap:
+            logits_n_V = torch.tanh(logits_n_V / self.softcap) * self.softcap
+        if not bool((temps_n == 1).all()):
+            logits_n_V = logits_n_V / temps_n[:, None]
+        lse_n = torch.logsumexp(logits_n_V, dim=-1)
+        hi = lo + targets_n.shape[0]
+        out.logprobs[lo:hi] = (logits_n_V.gather(1, targets_n[:, None])[:, 0] - lse_n).cpu().numpy()
+        if k:
+            vals, ids = logits_n_V.topk(k, dim=-1)
+            out.top_ids[lo:hi] = ids.cpu().numpy()
+            out.top_logprobs[lo:hi] = (vals - lse_n[:, None]).cpu().numpy()
+        if cands_n_C is not None:
+            out.cands[lo:hi] = (logits_n_V.gather(1, cands_n_C) - lse_n[:, None]).cpu().numpy()
+        if want_entropy:
+            p = torch.softmax(logits_n_V, dim=-1)
+            out.entropy[lo:hi] = (lse_n - (p * logits_n_V).sum(-1)).cpu().numpy()
+
+
+class _Rows:
+    """Flat per-row results of a batch, filled chunk by chunk, then split per item."""
+
+    def __init__(self, n: int, k: int, width: int, entropy: bool):
+        self.logprobs = np.empty(n, dtype=np.float32)
+        self.top_ids = np.empty((n, k), dtype=np.int64) if k else None
+        self.top_logprobs = np.empty((n, k), dtype=np.float32) if k else None
+        self.cands = np.empty((n, width), dtype=np.float32) if width else None
+        self.entropy = np.empty(n, dtype=np.float32) if entropy else None
+
+    def split(self, items: list[ScoreItem]) -> list[ItemScores]:
+        out, lo = [], 0
+        for it in items:
+            hi = lo + it.n_scored
+            k = it.top_k
+            w = 0 if it.candidate_ids_T_C is None else it.candidate_ids_T_C.shape[1]
+            out.append(ItemScores(
+                logprobs_T=self.logprobs[lo:hi],
+                top_ids_T_K=self.top_ids[lo:hi, :k] if k else None,
+                top_logprobs_T_K=self.top_logprobs[lo:hi, :k] if k else None,
+                candidate_logprobs_T_C=self.cands[lo:hi, :w] if w else None,
+                entropy_T=self.entropy[lo:hi] if it.entropy else None))
+            lo = hi
+        return out
