@@ -27,3 +27,18 @@ INFLIGHT_TOKENS = Gauge("opd_inflight_tokens", "Tokens accepted and not yet answ
 QUEUED_SEQUENCES = Gauge("opd_batcher_queued_sequences", "Sequences waiting for the engine")
 ENGINE_INFO = Info("opd_engine", "The teacher model and engine being served")
 READY = Gauge("opd_ready", "1 when the engine is loaded and the service accepts requests")
+
+# --- queue (scorer process) ---
+QUEUE_BACKLOG = Gauge("opd_queue_backlog", "Entries not yet delivered to the stream's group", ["experiment", "stream"])
+QUEUE_PENDING = Gauge("opd_queue_pending", "Entries delivered and not yet acked", ["experiment", "stream"])
+QUEUE_SCORED = Counter("opd_queue_scored_total", "Rollouts scored and published", ["experiment"])
+QUEUE_DEAD = Counter("opd_queue_dead_total", "Rollouts dead-lettered (can never be scored)", ["experiment", "reason"])
+QUEUE_RECLAIMED = Counter("opd_queue_reclaimed_total", "Pending entries reclaimed from a dead consumer", ["experiment", "stream"])
+QUEUE_TEACHER_RETRIES = Counter("opd_queue_teacher_retries_total", "Scorer retries after a transient teacher failure")
+
+# --- trainer ---
+TRAINER_STEP = Gauge("opd_trainer_step", "Optimizer steps taken", ["experiment"])
+TRAINER_LOSS = Gauge("opd_trainer_loss", "Loss of the last step", ["experiment"])
+TRAINER_REVERSE_KL = Gauge("opd_trainer_reverse_kl", "Mean per-token reverse KL(student || teacher) of the last step", ["experiment"])
+TRAINER_TEACHER_TOKENS = Counter("opd_trainer_teacher_tokens_total", "Teacher-scored tokens consumed", ["experiment"])
+TRAINER_EVAL_ACCURACY = Gauge("opd_trainer_eval_accuracy", "Held-out exact-match accuracy", ["experiment"])
