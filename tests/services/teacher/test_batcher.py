@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -96,3 +97,47 @@ async def test_stopped_batcher_refuses_new_work():
     b.stop()
     with pytest.raises(Unavailable):
         await b.submit([item(3)])
+
+
+class ByExperiment(UniformEngine):
+    """Records which experiment each scored sequence came from (encoded in its first token)."""
+
+    def __init__(self, gate: threading.Event):
+        super().__init__(vocab_size=50, max_model_len=4096)
+        self.gate, self.served = gate, []
+
+    def score(self, items):
+        self.gate.wait(5)
+        time.sleep(0.005)
+        self.served.append([int(it.token_ids[0]) for it in items])
+        return super().score(items)
+
+
+def tagged(exp: int, n: int = 20) -> ScoreItem:
+    return ScoreItem(np.full(n, exp, dtype=np.int64), 1)
+
+
+async def test_weighted_fair_share_on_tokens():
+    """Weights 1 and 3, both backlogged: tokens served converge to 1:3, and a light
+    experiment arriving later is served in the very next batch."""
+    gate = threading.Event()
+    eng = ByExperiment(gate)
+    b = Batcher(eng, max_batch_tokens=200, batch_wait_ms=0)     # 10 sequences of 20 per batch
+    b.start()
+    blocker = asyncio.ensure_future(b.submit([tagged(9)], "blocker"))
+    await asyncio.sleep(0.05)
+    heavy1 = [asyncio.ensure_future(b.submit([tagged(1)], "a", weight=1.0)) for _ in range(200)]
+    heavy3 = [asyncio.ensure_future(b.submit([tagged(3)], "b", weight=3.0)) for _ in range(200)]
+    await asyncio.sleep(0.05)
+    gate.set()
+    await asyncio.sleep(0.05)
+    arrived_at = len(eng.served)
+    light = asyncio.ensure_future(b.submit([tagged(7)], "light"))
+    await asyncio.gather(blocker, light, *heavy1, *heavy3)
+    b.stop()
+    served = [x for batch in eng.served[1:] for x in batch]
+    first = served[:160]                                         # while both are backlogged
+    share_a, share_b = first.count(1), first.count(3)
+    assert abs(share_b / share_a - 3.0) < 0.3, (share_a, share_b)
+    light_batch = next(i for i, batch in enumerate(eng.served) if 7 in batch)
+    assert arrived_at < 30 and light_batch <= arrived_at + 2, (arrived_at, light_batch)
