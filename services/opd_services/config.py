@@ -81,5 +81,5 @@ class Settings(BaseSettings):
             err = e.errors()[0]
             name = str(err["loc"][0]) if err["loc"] else "?"
             env = f"OPD_{name.upper()}"
-            value = overrides.get(name, os.environ.get(env))
+            value = overrides[name] if overrides.get(name) is not None else os.environ.get(env)
             raise ConfigError(f"{env}={value!r}: {err['msg']}") from None
