@@ -51,27 +51,42 @@ def score_items(teacher: TeacherClient, items: list[Item]) -> list[Outcome]:
 
 
 def _score_group(teacher: TeacherClient, items: list[Item], top_k: int) -> list[Outcome]:
+    out = [_dead(it, err, by="the scorer refused it") for it in items if (err := _local_check(it.rollout))]
+    items = [it for it in items if not _local_check(it.rollout)]
+    if not items:
+        return out
     seqs = [Sequence(token_ids=it.rollout.token_ids, score_from=it.rollout.score_from, id=it.rollout.id)
             for it in items]
     try:
         resp = teacher.score(seqs, top_k=top_k)
     except InvalidRequest as e:
-        return _isolate(teacher, items, top_k, e)
+        return out + _isolate(teacher, items, top_k, e)
     except OPDError as e:
         raise TeacherDown(e) from e
     now, rev = time.time(), resp.model.revision
-    out = []
     for it, res in zip(items, resp.results):
-        s = ScoredRollout(rollout=it.rollout, teacher_logprobs=res.logprobs_T, top_ids=res.top_ids_T_K,
-                          top_logprobs=res.top_logprobs_T_K, model_revision=rev, scored_at=now)
+        try:
+            s = ScoredRollout(rollout=it.rollout, teacher_logprobs=res.logprobs_T, top_ids=res.top_ids_T_K,
+                              top_logprobs=res.top_logprobs_T_K, model_revision=rev, scored_at=now)
+        except InvalidRequest as e:   # the teacher's answer does not fit the rollout: never publish it
+            out.append(_dead(it, InvalidRequest(e.field, f"teacher answer does not fit the rollout: {e.reason}")))
+            continue
         out.append(Outcome(it.entry_id, encode_scored(s), rollout_id=it.rollout.id))
     return out
 
 
-def _dead(it: Item, e: InvalidRequest) -> Outcome:
+def _local_check(r: Rollout) -> InvalidRequest | None:
+    """What the wire cannot carry faithfully: score_from 0 reads as "unset" (= 1) in proto3."""
+    if len(r.token_ids) < 2:
+        return InvalidRequest("token_ids", f"needs at least 2 tokens, got {len(r.token_ids)}")
+    if r.score_from < 1:
+        return InvalidRequest("score_from", "must be >= 1: the first token has no context to score it")
+    return None
+
+
+def _dead(it: Item, e: InvalidRequest, by: str = "the teacher refused it") -> Outcome:
     field = _SEQ_FIELD.sub("rollout", e.field)
-    return Outcome(it.entry_id, it.raw, dead_reason=f"teacher refused it: {field}: {e.reason}",
-                   rollout_id=it.rollout.id)
+    return Outcome(it.entry_id, it.raw, dead_reason=f"{by}: {field}: {e.reason}", rollout_id=it.rollout.id)
 
 
 def _isolate(teacher: TeacherClient, items: list[Item], top_k: int, e: InvalidRequest) -> list[Outcome]:

@@ -179,4 +179,8 @@ class ScorerLoop:
                 log.warning("redis error (%s); retrying in %.2fs", e, backoff)
                 stop.wait(backoff)
                 backoff = min(backoff * 2, self.backoff_max_s)
+            except Exception:  # a bug must not kill the loop: the batch stays pending and is reclaimed
+                log.exception("scorer loop error; batch left pending, retrying in %.2fs", backoff)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, self.backoff_max_s)
         log.info("scorer %s stopped", self.consumer)
