@@ -8,12 +8,18 @@ import uuid
 
 import pytest
 
-from opd_services.redis_embed import EmbeddedRedis
+from opd_services.redis_embed import EmbeddedCluster, EmbeddedRedis
 from queue_helpers import uniform_settings
 
 
-@pytest.fixture(scope="session")
-def redis_url():
+@pytest.fixture(scope="session", params=["valkey", "cluster"])
+def redis_url(request):
+    """Every queue test runs twice: on one Valkey (OPD_REDIS_URL if set, else embedded) and on
+    a 3-primary Valkey Cluster (slots assigned here), through redis-py's RedisCluster."""
+    if request.param == "cluster":
+        with EmbeddedCluster(3) as c:
+            yield c.url
+        return
     url = os.environ.get("OPD_REDIS_URL")
     if url:
         yield url
