@@ -21,6 +21,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from opd_services import metrics
 from opd_services.errors import Unavailable
@@ -46,11 +47,12 @@ WINDOW_BATCHES = 4   # how far past the anchor's tag (in batches of virtual time
 
 class Batcher:
     def __init__(self, engine: Engine, *, max_batch_tokens: int = 16_384, batch_wait_ms: float = 2.0,
-                 batching: bool = True):
+                 batching: bool = True, on_engine_time: Callable[[str, float], None] | None = None):
         self.engine = engine
         self.max_batch_tokens = max_batch_tokens
         self.batch_wait_s = batch_wait_ms / 1000
         self.batching = batching
+        self.on_engine_time = on_engine_time     # (experiment, seconds): called on the engine thread
         self._pending: list[_Pending] = []
         self._cond = threading.Condition()
         self._stopping = False
@@ -176,7 +178,10 @@ class Batcher:
         metrics.BATCH_PADDING.observe(1 - sum(lens) / padded)
         real = sum(lens)
         for p in batch:
-            metrics.TEACHER_SECONDS.labels(p.experiment).inc(elapsed * p.item.n_tokens / real)
+            share = elapsed * p.item.n_tokens / real
+            metrics.TEACHER_SECONDS.labels(p.experiment).inc(share)
+            if self.on_engine_time:
+                self.on_engine_time(p.experiment, share)
 
 
 def _resolve(fut: asyncio.Future, value) -> None:
