@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from functools import lru_cache
@@ -37,6 +38,12 @@ def require_tool(name: str) -> str:
         how = "" if name == "kubectl" else "; `make tools` (run by `make test` as root) installs it"
         pytest.skip(f"{name} not installed: {INSTALL[name]}{how}")
     return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run(cmd: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
@@ -99,6 +106,13 @@ def raw_k8s_docs() -> list[dict]:
     for path in sorted((REPO / "k8s").rglob("*.yaml")):
         docs += [d for d in yaml.safe_load_all(path.read_text()) if d and "kind" in d]
     return docs
+
+
+def render_raw_teacher_grace() -> float:
+    """terminationGracePeriodSeconds of the teacher Deployment in k8s/base, as written."""
+    (dep,) = [d for d in raw_k8s_docs() if d["kind"] == "Deployment" and d["metadata"]["name"] == "opd-teacher"
+              and "terminationGracePeriodSeconds" in d["spec"]["template"]["spec"]]
+    return float(dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"])
 
 
 # --- metric names ---------------------------------------------------------------------------

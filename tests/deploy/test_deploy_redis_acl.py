@@ -5,7 +5,6 @@ Does not run the init container itself: the same shell script runs here with sh.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 
@@ -13,16 +12,10 @@ import pytest
 import redis
 import yaml
 
-from deploy_helpers import REPO, find
+from deploy_helpers import REPO, find, free_port
 
 PASSWORDS = {"REDIS_ADMIN_PASSWORD": "a" * 16, "REDIS_SCORER_PASSWORD": "s" * 16,
              "REDIS_TRAINER_PASSWORD": "t" * 16, "REDIS_KEDA_USERNAME": "keda", "REDIS_KEDA_PASSWORD": "k" * 16}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +28,7 @@ def acl_server(tmp_path_factory):
     subprocess.run(["sh", "-c", script], env={**os.environ, **PASSWORDS}, check=True, timeout=10)
     conf = data["redis.conf"].replace("dir /data", f"dir {tmp}").replace("/acl/", f"{tmp}/")
     (tmp / "redis.conf").write_text(conf)
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([str(get_binary_path()), str(tmp / "redis.conf"), "--port", str(port),
                              "--bind", "127.0.0.1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
