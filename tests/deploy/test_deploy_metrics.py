@@ -44,7 +44,8 @@ def test_every_defined_metric_is_watched():
     families = {n.removesuffix(s) for n in used_names() for s in ("_bucket", "_sum", "_count", "_total", "_info")
                 if n.endswith(s)} | used_names()
     unwatched = [f.name for f in REGISTRY.collect() if f.name.startswith("opd_") and f.name not in families]
-    assert not unwatched, f"metrics defined but on no panel and in no rule: {unwatched}"
+    assert not unwatched, (f"metrics defined but on no panel and in no rule: {unwatched}; add a panel in "
+                           "monitoring/grafana/dashboard.py (then `make dashboard`) or an alert in monitoring/rules/")
 
 
 def _score_once(teacher) -> None:
