@@ -55,6 +55,10 @@ def teacher_panels() -> list[dict]:
               "s", desc="Per-experiment cost/latency: engine time shared out by tokens, per 1000 scored tokens."),
         panel("Teacher time share per experiment", [q(f"sum by (experiment) (rate(opd_teacher_seconds_total{{{EXP}}}[{RI}]))", "{{experiment}}")],
               "s", desc="Engine seconds per second used by each experiment (fair share at work).", stack=True),
+        panel("Rejections/s per experiment and reason",
+              [q(f"sum by (experiment, reason) (rate(opd_rejections_total{{{EXP}}}[{RI}]))", "{{experiment}} {{reason}}")],
+              "reqps", desc="Refused before scoring: quota (429, the experiment is over its in-flight tokens), "
+                            "invalid (422), auth (401). A steady quota rate means raise the quota or slow that trainer."),
         panel("Server error ratio", [q(f"sum(rate(opd_requests_total{{{SERVER_ERRORS}}}[{RI}])) / sum(rate(opd_requests_total[{RI}]))", "errors")],
               "percentunit", desc="Alert OPDTeacherErrorRate above 5%."),
     ]

@@ -59,6 +59,8 @@ def _score_once(teacher) -> None:
 
 def test_running_teacher_exports_every_used_teacher_metric(teacher):
     _score_once(teacher)
+    bad = httpx.post(f"{teacher.http_url}/v1/score", json={"sequences": [{"token_ids": [1]}]}, timeout=10)
+    assert bad.status_code == 422                               # labelled counters export once used
     text = httpx.get(f"{teacher.http_url}/metrics", timeout=10).text
     scraped = {s.name for fam in text_string_to_metric_families(text) for s in fam.samples}
     teacher_used = {n for n in used_names() if not n.startswith(OTHER_PROCESSES)}
