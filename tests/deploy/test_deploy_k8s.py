@@ -142,7 +142,8 @@ def test_teacher_probes_grace_and_disruption_budget(overlay):
         assert svc["spec"]["ports"][0]["targetPort"] == port_name and port_name in ports
 
 
-def test_only_scorers_and_trainers_reach_redis(overlay):
+def test_only_the_teacher_scorers_and_trainers_reach_redis(overlay):
+    """The teacher reaches Redis for the experiments registry (keys, weights, quotas, ACL users)."""
     _, docs = overlay
     (pol,) = find(docs, "NetworkPolicy", "opd-redis")
     (redis,) = find(docs, "StatefulSet", "opd-redis")
@@ -150,7 +151,7 @@ def test_only_scorers_and_trainers_reach_redis(overlay):
     allowed = pol["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
     admitted = {d["metadata"]["name"] for d in docs if d["kind"] in ("Deployment", "StatefulSet", "Job")
                 and allowed.items() <= d["spec"]["template"]["metadata"].get("labels", {}).items()}
-    assert admitted == {"opd-scorer", "opd-trainer"}
+    assert admitted == {"opd-teacher", "opd-scorer", "opd-trainer"}
     others = pol["spec"]["ingress"][0]["from"][1:]
     assert [o["namespaceSelector"]["matchLabels"] for o in others] == [{"kubernetes.io/metadata.name": "keda"}]
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from opd_services.redis_embed import EmbeddedRedis
+
 from deploy_helpers import REPO, compose, compose_value, free_port, render_raw_teacher_grace
 
 OPD = str(Path(sys.executable).parent / "opd")
@@ -33,8 +35,10 @@ def served(tiny_model, cache_dir, tmp_path_factory):
     svc = compose()["services"]["teacher"]
     env = {k: compose_value(v) for k, v in svc["environment"].items()}
     http, grpc = free_port(), free_port()
+    redis_server = EmbeddedRedis().start()          # stands in for the compose `redis` service
     env.update(OPD_HOST="127.0.0.1", OPD_HTTP_PORT=str(http), OPD_GRPC_PORT=str(grpc),
-               OPD_MODEL=str(tiny_model), OPD_CACHE_DIR=str(cache_dir))
+               OPD_MODEL=str(tiny_model), OPD_CACHE_DIR=str(cache_dir),
+               OPD_REDIS_URL=env["OPD_REDIS_URL"].replace("redis://redis:6379", redis_server.url))
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([OPD, *svc["command"]], env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
@@ -56,6 +60,7 @@ def served(tiny_model, cache_dir, tmp_path_factory):
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+        redis_server.stop()
 
 
 def test_dockerfile_healthcheck_command_probes_the_teacher(served):
