@@ -79,7 +79,17 @@ class TeacherServer:
         log.info("experiments registry: %d experiment(s), ACL users in sync", n)
         self._usage = UsageRecorder(self._redis)
         self._usage.start()
+        self._acl_task = asyncio.create_task(self._keep_acl_in_sync())
         return Authenticator(s.auth, s.admin_key, self._redis)
+
+    async def _keep_acl_in_sync(self) -> None:
+        """Experiments' ACL users live in Redis memory: recreate them after a Redis restart."""
+        while True:
+            await asyncio.sleep(self.settings.acl_sync_s)
+            try:
+                await asyncio.to_thread(self._registry.sync_acl)
+            except Exception as e:  # Redis away for a while: the next round retries
+                log.warning("could not sync experiments' ACL users: %s", e)
 
     async def start(self, wait_ready: bool = True) -> None:
         s = self.settings
@@ -124,6 +134,7 @@ class TeacherServer:
         # 3) engine down, usage flushed
         await self.service.shutdown(timeout)
         if self._usage is not None:
+            self._acl_task.cancel()
             await self._usage.stop()
             await self._redis.aclose()
         log.info("teacher stopped")
