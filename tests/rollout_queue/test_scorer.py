@@ -146,3 +146,17 @@ def test_queue_gauges_report_backlog_and_pending(redis_url, exp):
     assert _metric("opd_queue_backlog", experiment=exp, stream="rollouts") == 4
     assert _metric("opd_queue_pending", experiment=exp, stream="rollouts") == 3
     assert _metric("opd_queue_backlog", experiment=exp, stream="scored") == 0
+
+
+def test_a_stream_deleted_under_a_running_scorer_does_not_stall_the_others(redis_url, exp, uniform_teacher):
+    r = connect(redis_url)
+    other = f"{exp}-other"
+    with RolloutProducer(redis_url, exp) as q, running_scorer(redis_url, uniform_teacher.grpc_url):
+        q.push(make_rollouts(5))
+        assert len(drain_scored(redis_url, exp, 5, timeout_s=10)) == 5
+        r.delete(rollouts_key(exp))          # gone, while the scorer still lists the experiment
+        with RolloutProducer(redis_url, other) as q2:
+            q2.push(make_rollouts(5))
+            assert len(drain_scored(redis_url, other, 5, timeout_s=10)) == 5
+        q.push(make_rollouts(3, prefix="again"))   # the producer recreates stream and group
+        assert len(drain_scored(redis_url, exp, 3, timeout_s=10)) == 3

@@ -19,7 +19,7 @@ import random
 import threading
 import time
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from opd_client import TeacherClient
 from opd_client.codec import PayloadError, decode_rollout
@@ -85,19 +85,30 @@ class ScorerLoop:
             time.sleep(self.block_ms / 1000)
             return None
         for exp in exps:
-            if entries := self._reclaim(exp):
+            if entries := self._no_group_safe(exp, self._reclaim, exp):
                 return exp, entries
         n = len(exps)
         for j in range(n):
             exp = exps[(self._rr + j) % n]
-            last = j == n - 1
-            got = self.redis.xreadgroup(keys.GROUP_SCORERS, self.consumer, {keys.rollouts_key(exp): ">"},
-                                        count=self.batch_size, block=self.block_ms if last else None)
+            block = self.block_ms if j == n - 1 else None
+            got = self._no_group_safe(exp, self.redis.xreadgroup, keys.GROUP_SCORERS, self.consumer,
+                                      {keys.rollouts_key(exp): ">"}, count=self.batch_size, block=block)
             if got and got[0][1]:
                 self._rr = (self._rr + j + 1) % n
                 return exp, got[0][1]
         self._rr = (self._rr + 1) % n
         return None
+
+    def _no_group_safe(self, exp: str, fn, *args, **kw):
+        """Run fn; if the stream or its group vanished (deleted, or Redis restarted without
+        persistence), recreate the group and report nothing this turn."""
+        try:
+            return fn(*args, **kw)
+        except ResponseError as e:
+            if "NOGROUP" not in str(e):
+                raise
+            keys.ensure_group(self.redis, keys.rollouts_key(exp), keys.GROUP_SCORERS)
+            return None
 
     # ---- 2) decode, 3) score ------------------------------------------------------------
 
