@@ -24,6 +24,7 @@ serve: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/scoring.py
+	$(BIN)/python bench/queue.py
 
 # Regenerate the committed gRPC stubs (a test checks they are fresh).
 proto: $(STAMP)
