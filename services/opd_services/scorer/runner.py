@@ -91,7 +91,7 @@ def serve_scorer(settings: Settings) -> int:
     url = settings.redis_url
     if url is None:
         from opd_services.redis_embed import EmbeddedRedis
-        embedded = EmbeddedRedis(appendonly=True).start()
+        embedded = EmbeddedRedis().start()       # in-memory: it lives and dies with this process
         url = embedded.url
         log.warning("OPD_REDIS_URL unset: started an embedded Valkey at %s (producers and trainers: "
                     "OPD_REDIS_URL=%s); it stops with this process", url, url)
