@@ -80,8 +80,9 @@ def trim_floor(r, key: str) -> str | None:
         name, last = _s(g["name"]), _s(g["last-delivered-id"])
         need = _next_id(last)
         if int(g["pending"]):
-            oldest = _s(r.xpending(key, name)["min"])
-            need = oldest if _older(oldest, need) else need
+            oldest = r.xpending(key, name)["min"]      # None if all were acked meanwhile
+            if oldest is not None and _older(_s(oldest), need):
+                need = _s(oldest)
         floor = need if floor is None or _older(need, floor) else floor
     return floor
 
