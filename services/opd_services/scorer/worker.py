@@ -138,7 +138,10 @@ class ScorerLoop:
                 deadline = deadline or time.monotonic() + self.drain_timeout_s
                 if time.monotonic() >= deadline:
                     return None
-            stop.wait(wait) if not stop.is_set() else time.sleep(min(wait, 0.2))
+            if stop.is_set():
+                time.sleep(min(wait, 0.2))     # draining: keep trying until the deadline
+            else:
+                stop.wait(wait)
 
     # ---- 4) publish -----------------------------------------------------------------------
 
