@@ -160,3 +160,21 @@ def test_a_stream_deleted_under_a_running_scorer_does_not_stall_the_others(redis
             assert len(drain_scored(redis_url, other, 5, timeout_s=10)) == 5
         q.push(make_rollouts(3, prefix="again"))   # the producer recreates stream and group
         assert len(drain_scored(redis_url, exp, 3, timeout_s=10)) == 3
+
+
+def test_a_stalled_scorer_whose_batch_was_taken_over_publishes_nothing(redis_url, exp):
+    """The atomic publish checks ownership: after B reclaims A's entry, A's late result is
+    dropped and B's is published, once. (Plain MULTI/EXEC would have published both.)"""
+    from opd_services.scorer.publish import Outcome, Publisher
+    r = connect(redis_url)
+    with RolloutProducer(redis_url, exp) as q:
+        (eid,) = q.push(make_rollouts(1))
+    r.xreadgroup(keys.GROUP_SCORERS, "A", {rollouts_key(exp): ">"}, count=1)
+    time.sleep(0.05)
+    _, claimed, *_ = r.xautoclaim(rollouts_key(exp), keys.GROUP_SCORERS, "B", 10, start_id="0-0")
+    assert [c[0].decode() for c in claimed] == [eid]
+    assert Publisher(r, "A").publish(exp, [Outcome(eid, b"from-A")]) == [False]
+    assert Publisher(r, "B").publish(exp, [Outcome(eid, b"from-B")]) == [True]
+    assert Publisher(r, "B").publish(exp, [Outcome(eid, b"again")]) == [False]    # a retried publish
+    assert [f[keys.FIELD] for _, f in r.xrange(keys.scored_key(exp))] == [b"from-B"]
+    assert r.xpending(rollouts_key(exp), keys.GROUP_SCORERS)["pending"] == 0
