@@ -37,7 +37,7 @@ def update_gauges(redis, exps: list[str]) -> None:
     for exp in exps:
         for stream, key, group in (("rollouts", keys.rollouts_key(exp), keys.GROUP_SCORERS),
                                    ("scored", keys.scored_key(exp), keys.GROUP_TRAINERS)):
-            groups = {keys._s(g["name"]): g for g in redis.xinfo_groups(key)} if redis.exists(key) else {}
+            groups = {keys.as_str(g["name"]): g for g in redis.xinfo_groups(key)} if redis.exists(key) else {}
             g = groups.get(group)
             lag = redis.xlen(key) if g is None or g.get("lag") is None else int(g["lag"])
             metrics.QUEUE_BACKLOG.labels(exp, stream).set(lag)
