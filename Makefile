@@ -40,6 +40,7 @@ serve: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/scoring.py
+	$(BIN)/python bench/queue.py
 
 # Regenerate the committed Grafana dashboard JSON (a test checks it is fresh).
 dashboard:

@@ -19,7 +19,7 @@ import random
 import threading
 import time
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from opd_client import TeacherClient
 from opd_client.codec import PayloadError, decode_rollout
@@ -85,19 +85,30 @@ class ScorerLoop:
             time.sleep(self.block_ms / 1000)
             return None
         for exp in exps:
-            if entries := self._reclaim(exp):
+            if entries := self._no_group_safe(exp, self._reclaim, exp):
                 return exp, entries
         n = len(exps)
         for j in range(n):
             exp = exps[(self._rr + j) % n]
-            last = j == n - 1
-            got = self.redis.xreadgroup(keys.GROUP_SCORERS, self.consumer, {keys.rollouts_key(exp): ">"},
-                                        count=self.batch_size, block=self.block_ms if last else None)
+            block = self.block_ms if j == n - 1 else None
+            got = self._no_group_safe(exp, self.redis.xreadgroup, keys.GROUP_SCORERS, self.consumer,
+                                      {keys.rollouts_key(exp): ">"}, count=self.batch_size, block=block)
             if got and got[0][1]:
                 self._rr = (self._rr + j + 1) % n
                 return exp, got[0][1]
         self._rr = (self._rr + 1) % n
         return None
+
+    def _no_group_safe(self, exp: str, fn, *args, **kw):
+        """Run fn; if the stream or its group vanished (deleted, or Redis restarted without
+        persistence), recreate the group and report nothing this turn."""
+        try:
+            return fn(*args, **kw)
+        except ResponseError as e:
+            if "NOGROUP" not in str(e):
+                raise
+            keys.ensure_group(self.redis, keys.rollouts_key(exp), keys.GROUP_SCORERS)
+            return None
 
     # ---- 2) decode, 3) score ------------------------------------------------------------
 
@@ -112,7 +123,7 @@ class ScorerLoop:
                 dead.append(Outcome(eid, raw, dead_reason=f"corrupt payload: {e.reason}"))
         return items, dead
 
-    def score(self, items: list[Item], stop: threading.Event) -> list[Outcome] | None:
+    def score(self, exp: str, items: list[Item], stop: threading.Event) -> list[Outcome] | None:
         """Outcomes, or None when stopping before the teacher answered (batch released)."""
         attempt, deadline = 0, None
         while True:
@@ -121,13 +132,24 @@ class ScorerLoop:
             except TeacherDown as e:
                 metrics.QUEUE_TEACHER_RETRIES.inc()
                 wait = max(e.retry_after, random.uniform(0, min(self.backoff_max_s, 0.1 * 2 ** attempt)))
+                wait = min(wait, self.reclaim_idle_ms / 2000)   # touch the batch well before it looks stale
                 attempt += 1
                 log.warning("teacher unavailable (%s); retry %d in %.2fs", e, attempt, wait)
+                self._touch(exp, items)
             if stop.is_set():
                 deadline = deadline or time.monotonic() + self.drain_timeout_s
                 if time.monotonic() >= deadline:
                     return None
-            stop.wait(wait) if not stop.is_set() else time.sleep(min(wait, 0.2))
+            if stop.is_set():
+                time.sleep(min(wait, 0.2))     # draining: keep trying until the deadline
+            else:
+                stop.wait(wait)
+
+    def _touch(self, exp: str, items: list[Item]) -> None:
+        try:
+            self.publisher.touch(exp, [it.entry_id for it in items])
+        except RedisError as e:       # only an optimisation: the publish step checks ownership anyway
+            log.debug("could not refresh the batch's idle time: %s", e)
 
     # ---- 4) publish -----------------------------------------------------------------------
 
@@ -161,7 +183,7 @@ class ScorerLoop:
             return 0
         exp, entries = taken
         items, dead = self.decode(entries)
-        outcomes = self.score(items, stop)
+        outcomes = self.score(exp, items, stop)
         if outcomes is None:
             self.release(exp, [e[0].decode() for e in entries])
             log.info("stopping: released %d rollout(s) of %r to other scorers", len(entries), exp)
