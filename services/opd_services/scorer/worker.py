@@ -2,8 +2,8 @@
 
 Each `ScorerLoop` is one consumer of the `scorers` group on every `opd:{EXP}:rollouts`:
   1) take a batch: stale entries reclaimed from dead scorers (XAUTOCLAIM) first, then new
-     ones, visiting experiments round-robin (one batch per turn, so a busy experiment
-     cannot starve a quiet one);
+     ones, visiting experiments by weighted fair queuing on tokens (fair.py: the most owed
+     first, so a busy experiment cannot starve a quiet one and weights set the shares);
   2) decode; a corrupt payload becomes a dead letter at once;
   3) score through the teacher (gRPC, opd_client), retrying transient failures with
      backoff for as long as it takes; a rollout the teacher refuses becomes a dead letter;
@@ -25,6 +25,7 @@ from opd_client import TeacherClient
 from opd_client.codec import PayloadError, decode_rollout
 from opd_client.queue import keys
 from opd_services import metrics
+from opd_services.scorer.fair import FairShare
 from opd_services.scorer.publish import Outcome, Publisher
 from opd_services.scorer.scoring import Item, TeacherDown, score_items
 
@@ -33,11 +34,13 @@ _RELEASED_IDLE_MS = 10 ** 10     # "idle forever": any scorer's next XAUTOCLAIM 
 
 
 class Experiments:
-    """Experiments with a rollout stream, found by SCAN (all cluster nodes), refreshed now and then."""
+    """Experiments with a rollout stream, found by SCAN (all cluster nodes), and their weights
+    from the registry (1 when unregistered), refreshed now and then."""
 
     def __init__(self, redis, refresh_s: float):
         self.redis, self.refresh_s = redis, refresh_s
         self.names: list[str] = []
+        self.weights: dict[str, float] = {}
         self._next = 0.0
 
     def current(self) -> list[str]:
@@ -48,8 +51,23 @@ class Experiments:
                 keys.ensure_group(self.redis, keys.rollouts_key(exp), keys.GROUP_SCORERS)
                 log.info("scoring experiment %r", exp)
             self.names = sorted(found)
+            self.weights = registry_weights(self.redis)
             self._next = time.monotonic() + self.refresh_s
         return self.names
+
+    def weight(self, exp: str) -> float:
+        return self.weights.get(exp, 1.0)
+
+
+def registry_weights(redis) -> dict[str, float]:
+    """Weights of registered experiments; {} when the registry cannot be read (no tenancy, or
+    a scorer whose Redis user may not read it): every experiment then weighs the same."""
+    from opd_services.tenancy.registry import EXPERIMENTS, Experiment
+    try:
+        return {e.name: e.weight for e in map(Experiment.from_json, redis.hgetall(EXPERIMENTS).values())}
+    except RedisError as e:
+        log.debug("experiment weights unavailable (%s): equal shares", e)
+        return {}
 
 
 class ScorerLoop:
@@ -60,7 +78,7 @@ class ScorerLoop:
         self.reclaim_idle_ms = int(reclaim_idle_s * 1000)
         self.backoff_max_s, self.drain_timeout_s = backoff_max_s, drain_timeout_s
         self.publisher = Publisher(redis, consumer)
-        self._rr = 0
+        self.fair = FairShare()
         self._next_reclaim: dict[str, float] = {}
         self._next_trim: dict[str, float] = {}
 
@@ -87,16 +105,13 @@ class ScorerLoop:
         for exp in exps:
             if entries := self._no_group_safe(exp, self._reclaim, exp):
                 return exp, entries
-        n = len(exps)
-        for j in range(n):
-            exp = exps[(self._rr + j) % n]
-            block = self.block_ms if j == n - 1 else None
+        order = self.fair.order(exps)
+        for j, exp in enumerate(order):
+            block = self.block_ms if j == len(order) - 1 else None
             got = self._no_group_safe(exp, self.redis.xreadgroup, keys.GROUP_SCORERS, self.consumer,
                                       {keys.rollouts_key(exp): ">"}, count=self.batch_size, block=block)
             if got and got[0][1]:
-                self._rr = (self._rr + j + 1) % n
                 return exp, got[0][1]
-        self._rr = (self._rr + 1) % n
         return None
 
     def _no_group_safe(self, exp: str, fn, *args, **kw):
@@ -183,6 +198,7 @@ class ScorerLoop:
             return 0
         exp, entries = taken
         items, dead = self.decode(entries)
+        self.fair.charge(exp, sum(len(it.rollout.token_ids) for it in items), self.experiments.weight(exp))
         outcomes = self.score(exp, items, stop)
         if outcomes is None:
             self.release(exp, [e[0].decode() for e in entries])
