@@ -64,3 +64,26 @@ class ScoreResponse:
     usage: Usage
     top_k: int = 0
     extras: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One teacher sample: ids and the logprob of each under the distribution sampled from."""
+
+    id: str
+    token_ids_T: np.ndarray         # int64 [T]
+    logprobs_T: np.ndarray          # float32 [T]
+    finish_reason: str              # "stop" (ends with a stop id) | "length"
+
+
+@dataclass(frozen=True)
+class GenerateUsage:
+    prompt_tokens: int
+    generated_tokens: int
+
+
+@dataclass(frozen=True)
+class GenerateResponse:
+    model: ModelInfo
+    results: list[Generation]
+    usage: GenerateUsage

@@ -38,6 +38,7 @@ class Settings(BaseSettings):
     max_candidates: int = Field(256, ge=1, description="Most candidate ids per scored position.")
     max_request_sequences: int = Field(1024, ge=1, description="Most sequences in one request.")
     max_request_tokens: int = Field(262_144, ge=2, description="Most tokens (summed over sequences) in one request.")
+    max_generate_tokens: int = Field(1024, ge=1, description="Largest max_tokens a generate request may ask for.")
     max_body_bytes: int = Field(64 << 20, ge=1024, description="Largest request body, HTTP and gRPC; larger ones are refused unread.")
 
     # --- batching ---
