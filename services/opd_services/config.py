@@ -60,6 +60,7 @@ class Settings(BaseSettings):
     scorer_teacher_timeout_s: float = Field(120.0, gt=0, description="Deadline of one teacher request made by a scorer.")
     scorer_discovery_s: float = Field(2.0, gt=0, description="How often a scorer looks for new experiments (SCAN for opd:{*}:rollouts).")
     scorer_gauges_s: float = Field(2.0, gt=0, description="How often the scorer refreshes the opd_queue_backlog / opd_queue_pending gauges.")
+    trainer_metrics_port: int = Field(9101, ge=0, le=65535, description="Port of `opd train`'s own /metrics (Prometheus); 0 = none.")
     scorer_metrics_port: int = Field(9100, ge=0, le=65535, description="Port of the scorer's own /metrics (Prometheus); 0 = none.")
 
     # --- tenancy ---

@@ -22,11 +22,11 @@ from opd_services.tasks.addition import DEFAULT_TASK, TOKENIZER, VOCAB_SIZE
 from opd_services.tasks.checkpoints import LlamaShape, llama_config, save_atomically
 from opd_services.tasks.train import SFTRecipe, eval_operands, exact_match, sft_train
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 TEACHER_SHAPE = LlamaShape(VOCAB_SIZE, 64, 2, 2, 2, 176, 64)
-STUDENT_SHAPE = LlamaShape(VOCAB_SIZE, 32, 2, 2, 2, 64, 64)
-TEACHER_RECIPE = SFTRecipe(steps=1200, batch=64, lr=3e-3, seed=0)
-STUDENT_RECIPE = SFTRecipe(steps=300, batch=64, lr=3e-3, seed=1)
+STUDENT_SHAPE = LlamaShape(VOCAB_SIZE, 32, 2, 1, 1, 64, 64)
+TEACHER_RECIPE = SFTRecipe(steps=2000, batch=64, lr=3e-3, seed=0)
+STUDENT_RECIPE = SFTRecipe(steps=1200, batch=64, lr=3e-3, seed=1)
 BUILD_FILE = "opd_build.json"
 
 

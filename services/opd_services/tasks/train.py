@@ -6,7 +6,6 @@ so there is no padding. This module does not talk to the teacher service or the 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +28,7 @@ class SFTRecipe:
 def lr_lambda(recipe: SFTRecipe):
     def f(step: int) -> float:
         warm = min(1.0, (step + 1) / recipe.warmup)
-        return warm * max(0.05, 0.5 * (1 + math.cos(math.pi * min(1.0, step / recipe.steps))))
+        return warm * max(0.05, 1.0 - step / recipe.steps)      # linear decay to 5%
     return f
 
 
