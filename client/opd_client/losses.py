@@ -64,7 +64,8 @@ def token_logprobs(logits_B_T_V: "Tensor", token_ids_B_T: "Tensor") -> "Tensor":
 
 
 def reverse_kl_pg_loss(logprobs_B_T: "Tensor", behaviour_logprobs_B_T: "Tensor", teacher_logprobs_B_T: "Tensor",
-                       mask_B_T: "Tensor", *, clip_eps: float = 0.2, kl_coef: float = 1.0) -> LossOutput:
+                       mask_B_T: "Tensor", *, clip_eps: float = 0.2, kl_coef: float = 1.0,
+                       baseline: bool = False) -> LossOutput:
     """Policy-gradient step with advantage -(log pi_behaviour - log p_teacher) per token.
 
     logprobs_B_T: the current student's logprobs of the sampled tokens (with grad).
@@ -73,12 +74,17 @@ def reverse_kl_pg_loss(logprobs_B_T: "Tensor", behaviour_logprobs_B_T: "Tensor",
     student's samples is exactly the gradient of KL(student || teacher) at each position.
     Stale rollouts: the ratio exp(logprobs - behaviour) is clipped to [1-eps, 1+eps]
     in the pessimistic PPO form, so an old rollout cannot push the policy far.
+    baseline: subtract the batch's mean advantage (over masked tokens). The expected gradient
+    is unchanged (E[grad log pi] = 0) and its variance drops; without it every sampled token
+    of a far-off student gets pushed down at once and mass drifts to tokens never sampled.
     """
     _need_torch()
     lp = logprobs_B_T.float()
     beh = behaviour_logprobs_B_T.detach().float()
     kl_B_T = beh - teacher_logprobs_B_T.detach().float()
     adv_B_T = -kl_coef * kl_B_T
+    if baseline:
+        adv_B_T = adv_B_T - masked_mean(adv_B_T, mask_B_T)
     ratio_B_T = torch.exp(lp - beh)
     clipped_B_T = ratio_B_T.clamp(1.0 - clip_eps, 1.0 + clip_eps)
     obj_B_T = torch.minimum(ratio_B_T * adv_B_T, clipped_B_T * adv_B_T)

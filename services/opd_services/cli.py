@@ -43,11 +43,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from opd_services.config import Settings
     from opd_services.demo import DemoPlan, run_demo
-    plan = DemoPlan(out=Path(args.out))
+    plan = DemoPlan(out=Path(args.out), rebuild=args.rebuild_checkpoints)
     if args.opd_steps:
         plan = dataclasses.replace(plan, opd_steps=args.opd_steps)
-    if args.loss:
-        plan = dataclasses.replace(plan, loss=args.loss)
+    if args.losses:
+        plan = dataclasses.replace(plan, losses=tuple(x.strip() for x in args.losses.split(",") if x.strip()))
     return run_demo(Settings.load(), plan)
 
 
@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="distil the demo teacher into a 4x smaller student: OPD vs SFT, table + plot")
     demo.add_argument("--out", default="demo-out", help="where the table's JSON, the plot and the logs go")
     demo.add_argument("--opd-steps", type=int, default=None, help="OPD optimizer steps")
-    demo.add_argument("--loss", choices=["rkl", "fkl", "jsd"], default=None, help="OPD loss (default rkl)")
+    demo.add_argument("--losses", default=None, help="OPD losses to run, comma-separated (default rkl,fkl)")
+    demo.add_argument("--rebuild-checkpoints", action="store_true",
+                      help="train the teacher and the student's warm start here instead of using the committed builds")
     for sp in (serve,):
         sp.add_argument("--model", help="HF-format model directory (OPD_MODEL)")
         sp.add_argument("--engine", choices=["torch", "vllm", "uniform"], help="OPD_ENGINE")

@@ -24,14 +24,18 @@ from opd_services.config import Settings
 @dataclass(frozen=True)
 class DemoPlan:
     out: Path = Path("demo-out")
-    opd_steps: int = 150
+    opd_steps: int = 250
     batch_size: int = 64
-    lr: float = 2e-3
+    lr: float = 1e-3
     eval_every: int = 10
     eval_size: int = 256
-    loss: str = "rkl"
+    losses: tuple[str, ...] = ("rkl", "fkl")   # sampled-token reverse KL; teacher top-k forward KL
     top_k: int = 8
     train_timeout_s: float = 300.0
+    rebuild: bool = False            # train the checkpoints here instead of using the committed ones
+
+
+LABELS = {"rkl": "reverse KL", "fkl": "top-{k} fwd KL", "jsd": "top-{k} JSD"}
 
 
 def _say(msg: str) -> None:
@@ -61,20 +65,24 @@ def run_demo(settings: Settings, plan: DemoPlan = DemoPlan()) -> int:
     t_start = time.perf_counter()
     plan.out.mkdir(parents=True, exist_ok=True)
     # 1) checkpoints
-    _say("[1/5] demo checkpoints (trained by our code on first use, then cached)")
-    teacher_dir, student_dir = task_teacher(settings.cache_dir), task_student(settings.cache_dir)
+    _say("[1/5] demo checkpoints (trained by our code; committed builds unless --rebuild-checkpoints)")
+    teacher_dir = task_teacher(settings.cache_dir, rebuild=plan.rebuild)
+    student_dir = task_student(settings.cache_dir, rebuild=plan.rebuild)
     teacher_acc = teacher_accuracy(teacher_dir, plan.eval_size)
     _say(f"      teacher {teacher_dir.name}: exact match {teacher_acc:.1%}")
     # 2) services
     _say("[2/5] starting embedded Valkey, the teacher (opd serve) and a scorer (opd scorer)")
     with LocalStack(teacher_dir, plan.out / "logs", max_top_k=max(plan.top_k, 20)) as stack:
         _say(f"      teacher {stack.teacher_grpc}  redis {stack.redis_url}")
-        # 3) OPD through the queue
-        _say(f"[3/5] OPD: {plan.opd_steps} steps of {plan.batch_size} student rollouts, {plan.loss} loss, via the queue")
-        stack.train("opd", ["--loss", plan.loss, "--top-k", str(plan.top_k), "--steps", str(plan.opd_steps),
-                            *_train_args(plan, student_dir, plan.out / "opd")], plan.train_timeout_s)
-        opd = report.load_history(plan.out / "opd")
-        budget = opd["evals"][-1]["teacher_tokens"]
+        # 3) OPD through the queue, one run per loss
+        opd = {}
+        for loss in plan.losses:
+            _say(f"[3/5] OPD ({LABELS[loss].format(k=plan.top_k)}): {plan.opd_steps} steps of {plan.batch_size} "
+                 "student rollouts through the queue")
+            stack.train(f"opd-{loss}", ["--loss", loss, "--top-k", str(plan.top_k), "--steps", str(plan.opd_steps),
+                                        *_train_args(plan, student_dir, plan.out / f"opd-{loss}")], plan.train_timeout_s)
+            opd[loss] = report.load_history(plan.out / f"opd-{loss}")
+        budget = max(h["evals"][-1]["teacher_tokens"] for h in opd.values())
         # 4) SFT baseline with the same teacher-token budget
         _say(f"[4/5] SFT on teacher samples, same budget: {budget:,} teacher tokens")
         stack.train("sft", ["--mode", "sft", "--teacher-tokens", str(budget), "--steps", str(10 * plan.opd_steps),
@@ -87,9 +95,10 @@ def run_demo(settings: Settings, plan: DemoPlan = DemoPlan()) -> int:
 def _report(plan: DemoPlan, teacher_acc: float, opd: dict, sft: dict, total_s: float) -> int:
     from opd_services.trainer import report
 
-    runs = {f"after OPD ({plan.loss})": report.run_summary(opd, teacher_acc),
-            "after SFT (teacher samples)": report.run_summary(sft, teacher_acc)}
-    student_acc = opd["evals"][0]["accuracy"]
+    runs = {f"after OPD, {LABELS[loss].format(k=plan.top_k)}": report.run_summary(h, teacher_acc)
+            for loss, h in opd.items()}
+    runs["after SFT on teacher samples"] = report.run_summary(sft, teacher_acc)
+    student_acc = next(iter(opd.values()))["evals"][0]["accuracy"]
     text = report.table(teacher_acc, student_acc, runs)
     png = report.plot(plan.out / "learning_curve.png", teacher_acc, runs,
                       "OPD vs SFT on teacher samples, same teacher-token budget")

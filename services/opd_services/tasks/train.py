@@ -23,12 +23,14 @@ class SFTRecipe:
     lr: float = 3e-3
     warmup: int = 50
     seed: int = 0
+    stop_at: float | None = None     # stop once a dev-set exact match reaches this (checked every 50 steps)
+    decay: bool = True               # linear decay to 5% over `steps` (off: constant after warm-up)
 
 
 def lr_lambda(recipe: SFTRecipe):
     def f(step: int) -> float:
         warm = min(1.0, (step + 1) / recipe.warmup)
-        return warm * max(0.05, 1.0 - step / recipe.steps)      # linear decay to 5%
+        return warm * (max(0.05, 1.0 - step / recipe.steps) if recipe.decay else 1.0)   # linear decay to 5%
     return f
 
 
@@ -58,13 +60,16 @@ def sft_train(model, task: AdditionTask, recipe: SFTRecipe, progress=None) -> li
     rng = np.random.default_rng(recipe.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(recipe))
+    dev = eval_operands(task, 256, seed=20_002) if recipe.stop_at is not None else None
     model.train()
     losses = []
-    for _ in range(recipe.steps):
+    for step in range(recipe.steps):
         losses.append(sft_step(model, opt, correct_batch(task, rng, recipe.batch), task.prompt_len, sched))
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+        if dev is not None and (step + 1) % 50 == 0 and exact_match(model, task, dev) >= recipe.stop_at:
+            break
     model.eval()
     return losses
 

@@ -85,13 +85,15 @@ def student_logprobs(model, batch: Batch) -> torch.Tensor:
     return torch.log_softmax(logits_B_L_V.gather(1, idx).float(), -1)
 
 
-def compute_loss(model, batch: Batch, loss: str, *, clip_eps: float = 0.2, beta: float = 0.5) -> LossOutput:
+def compute_loss(model, batch: Batch, loss: str, *, clip_eps: float = 0.2, beta: float = 0.5,
+                 baseline: bool = True) -> LossOutput:
     lp_B_T_V = student_logprobs(model, batch)
     lp_B_T = lp_B_T_V.gather(-1, batch.targets_B_T[..., None])[..., 0]
     if loss == "sft":
         return sft_loss(lp_B_T, batch.mask_B_T)
     if loss == "rkl":
-        return reverse_kl_pg_loss(lp_B_T, batch.behaviour_B_T, batch.teacher_B_T, batch.mask_B_T, clip_eps=clip_eps)
+        return reverse_kl_pg_loss(lp_B_T, batch.behaviour_B_T, batch.teacher_B_T, batch.mask_B_T, clip_eps=clip_eps,
+                                  baseline=baseline)
     if batch.top_ids_B_T_K is None:
         raise ValueError(f"the {loss} loss needs the teacher's top-k: sample rollouts with top_k > 0")
     out = (forward_kl_topk_loss(lp_B_T_V, batch.top_ids_B_T_K, batch.top_lp_B_T_K, batch.mask_B_T) if loss == "fkl"

@@ -32,6 +32,7 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--no-baseline", action="store_true", help="rkl: do not subtract the batch-mean advantage")
     p.add_argument("--prefetch", type=int, default=1, help="queue mode: batches sampled ahead of the step")
     p.add_argument("--max-staleness", type=int, default=4)
     p.add_argument("--eval-every", type=int, default=10)
@@ -59,7 +60,7 @@ def config_from(args: argparse.Namespace):
         student=Path(student), out=Path(args.out), teacher_url=settings.teacher_url, redis_url=settings.redis_url,
         direct=args.direct, experiment=args.experiment, mode=args.mode, loss=args.loss, top_k=args.top_k,
         beta=args.beta, steps=args.steps, teacher_tokens=args.teacher_tokens, batch_size=args.batch_size, lr=args.lr,
-        temperature=args.temperature, prefetch=args.prefetch, max_staleness=args.max_staleness,
+        temperature=args.temperature, baseline=not args.no_baseline, prefetch=args.prefetch, max_staleness=args.max_staleness,
         eval_every=args.eval_every, eval_size=args.eval_size, checkpoint_every=args.checkpoint_every, seed=args.seed,
         metrics_port=settings.trainer_metrics_port, progress=not args.no_progress)
 

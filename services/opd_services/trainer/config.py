@@ -31,6 +31,7 @@ class TrainConfig:
     batch_size: int = 64               # rollouts (or teacher samples) per step
     lr: float = 1e-3
     clip_eps: float = 0.2
+    baseline: bool = True              # rkl: subtract the batch-mean advantage (variance reduction)
     temperature: float = 1.0           # sampling temperature (student for OPD, teacher for SFT)
     prefetch: int = 1                  # queue mode: batches sampled ahead (1 = one step stale at most)
     max_staleness: int = 4             # rollouts older than this many policy versions are dropped

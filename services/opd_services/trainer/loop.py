@@ -3,6 +3,7 @@
     1) keep `prefetch + 1` batches of student rollouts in flight (sampled by the current
        policy; their version is the step that sampled them)
     2) take one scored batch (queue or direct); drop rollouts staler than max_staleness
+       (and any another run of the experiment left behind)
     3) loss (reverse KL as PG advantage, or top-k forward KL / JSD), optimizer step
     4) ack the scored entries (only now: a crash before this leaves them to be reclaimed)
     5) metrics, progress; every eval_every steps a held-out exact-match eval
@@ -28,7 +29,7 @@ from opd_services.tasks.addition import DEFAULT_TASK, TOKENIZER
 from opd_services.tasks.train import eval_operands, exact_match
 from opd_services.trainer.batch import compute_loss, scored_batch, sequence_batch
 from opd_services.trainer.config import TrainConfig
-from opd_services.trainer.sources import DirectScores, QueueScores, TeacherSamples, sample_rollouts
+from opd_services.trainer.sources import DirectScores, QueueScores, TeacherSamples, new_run_id, sample_rollouts
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class History:
     steps: list[dict] = field(default_factory=list)     # step, loss, reverse_kl, teacher_tokens, ...
     teacher_revision: str = ""
     dropped_stale: int = 0
+    dropped_foreign: int = 0
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(self.__dict__, indent=1))
@@ -60,6 +62,7 @@ class Trainer:
         self.teacher_tokens = 0
         self.t0 = time.perf_counter()
         self.labels = (cfg.experiment,)
+        self.run_id = new_run_id()
         self.stop_requested = False      # set by a signal: finish the step, checkpoint, return
         cfg.out.mkdir(parents=True, exist_ok=True)
 
@@ -105,17 +108,26 @@ class Trainer:
         ops = self.task.sample_operands(self.rng, cfg.batch_size)
         top_k = 0 if cfg.loss == "rkl" else cfg.top_k
         return sample_rollouts(self.model, self.task, ops, version=self.step, temperature=cfg.temperature,
-                               top_k=top_k, seed=int(self.rng.integers(2**62)))
+                               top_k=top_k, seed=int(self.rng.integers(2**62)), run=self.run_id)
 
     def _opd_step(self, source):
         cfg = self.cfg
-        got = source.collect(cfg.batch_size)
-        fresh = [(eid, s) for eid, s in got if self.step - s.rollout.policy_version <= cfg.max_staleness]
-        self.history.dropped_stale += len(got) - len(fresh)
-        self._check_revision(got[0][1].model_revision)
-        scored = [s for _, s in fresh] or [s for _, s in got]
+        scored, acks = [], []
+        while not scored:
+            # scored entries another run left behind (e.g. its prefetched batch) are acked and skipped
+            got = source.collect(cfg.batch_size)
+            acks += [eid for eid, _ in got]
+            ours = [s for _, s in got if s.rollout.metadata.get("run") == self.run_id]
+            self.history.dropped_foreign += len(got) - len(ours)
+            scored = [s for s in ours if self.step - s.rollout.policy_version <= cfg.max_staleness]
+            self.history.dropped_stale += len(ours) - len(scored)
+            if not scored and ours:      # all stale: resample rather than train on them
+                source.ack(acks)
+                acks = []
+                source.submit(self._rollouts())
+        self._check_revision(scored[0].model_revision)
         out = self._optimize(scored_batch(scored), cfg.loss)
-        source.ack([eid for eid, _ in got])
+        source.ack(acks)
         out.metrics["staleness"] = float(np.mean([self.step - s.rollout.policy_version for s in scored]))
         return out, int(sum(s.rollout.n_scored for s in scored))
 
@@ -127,7 +139,8 @@ class Trainer:
         return self._optimize(sequence_batch(seqs, [start] * len(seqs)), "sft"), n_tok
 
     def _optimize(self, batch, loss: str):
-        out = compute_loss(self.model, batch, loss, clip_eps=self.cfg.clip_eps, beta=self.cfg.beta)
+        out = compute_loss(self.model, batch, loss, clip_eps=self.cfg.clip_eps, beta=self.cfg.beta,
+                           baseline=self.cfg.baseline)
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)

@@ -34,12 +34,12 @@ def _reach(r: dict | None) -> str:
 
 def table(teacher_acc: float, student_acc: float, runs: dict[str, dict]) -> str:
     """runs: label -> run_summary. Plain text, one row per model."""
-    lines = [f"{'model':<26}{'exact match':>12}   {'to 50% of teacher':>24}   {'to 90% of teacher':>24}",
-             "-" * 92,
-             f"{'teacher':<26}{teacher_acc:>12.1%}",
-             f"{'student before':<26}{student_acc:>12.1%}"]
+    lines = [f"{'model':<32}{'exact match':>12}   {'to 50% of teacher':>24}   {'to 90% of teacher':>24}",
+             "-" * 98,
+             f"{'teacher':<32}{teacher_acc:>12.1%}",
+             f"{'student before':<32}{student_acc:>12.1%}"]
     for label, r in runs.items():
-        lines.append(f"{label:<26}{r['final_accuracy']:>12.1%}   {_reach(r['reach_50']):>24}   {_reach(r['reach_90']):>24}")
+        lines.append(f"{label:<32}{r['final_accuracy']:>12.1%}   {_reach(r['reach_50']):>24}   {_reach(r['reach_90']):>24}")
     return "\n".join(lines)
 
 

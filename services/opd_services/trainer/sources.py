@@ -21,7 +21,7 @@ from opd_services.teacher.engine import SampleParams
 
 
 def sample_rollouts(model, task: AdditionTask, operands: np.ndarray, *, version: int, temperature: float,
-                    top_k: int, seed: int) -> list[Rollout]:
+                    top_k: int, seed: int, run: str) -> list[Rollout]:
     """The student's own completions, with the logprob of every sampled token (behaviour policy)."""
     prompts = task.prompts(operands)
     params = SampleParams(max_tokens=task.completion_len, temperature=temperature, stop_ids=(EOS,), seed=seed)
@@ -29,10 +29,14 @@ def sample_rollouts(model, task: AdditionTask, operands: np.ndarray, *, version:
     model.eval()
     out = sample(model, list(prompts), params)
     model.train(was_training)
-    now, run = time.time(), uuid.uuid4().hex[:8]
+    now = time.time()
     return [Rollout(id=f"{run}-v{version}-{i}", token_ids=np.concatenate([p, s.token_ids_T]),
                     score_from=len(p), behaviour_logprobs=s.logprobs_T, policy_version=version, sampled_at=now,
-                    top_k=top_k) for i, (p, s) in enumerate(zip(prompts, out))]
+                    metadata={"run": run}, top_k=top_k) for i, (p, s) in enumerate(zip(prompts, out))]
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
 
 
 class DirectScores:

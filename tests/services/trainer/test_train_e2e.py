@@ -10,8 +10,7 @@ import pytest
 
 from opd_services.stack import LocalStack
 
-TRAIN = ["--batch-size", "32", "--lr", "3e-2", "--eval-every", "100", "--eval-size", "16", "--no-progress",
-         "--experiment", "e2e"]
+TRAIN = ["--batch-size", "32", "--lr", "3e-2", "--eval-every", "100", "--eval-size", "16", "--no-progress"]
 STEPS = {"rkl": 40, "fkl": 30}
 
 
@@ -30,7 +29,7 @@ def stack(peaked_teacher, tmp_path_factory):
 def test_trainer_scorer_teacher_processes_reduce_reverse_kl(stack, random_student, tmp_path, loss):
     out = tmp_path / loss
     stack.train(f"trainer-{loss}", ["--student", str(random_student), "--out", str(out), "--loss", loss,
-                                    "--top-k", "8", "--steps", str(STEPS[loss]), *TRAIN], timeout_s=240)
+                                    "--top-k", "8", "--steps", str(STEPS[loss]), "--experiment", f"e2e-{loss}", *TRAIN], timeout_s=240)
     hist = json.loads((out / "history.json").read_text())
     assert len(hist["steps"]) == STEPS[loss]
     first_kl, last_kl = _drop(hist, "reverse_kl")
@@ -44,7 +43,8 @@ def test_trainer_scorer_teacher_processes_reduce_reverse_kl(stack, random_studen
 
 def test_trainer_direct_mode_without_queue(stack, random_student, tmp_path):
     out = tmp_path / "direct"
-    stack.train("trainer-direct", ["--student", str(random_student), "--out", str(out), "--direct", "--steps", "40", *TRAIN],
+    stack.train("trainer-direct", ["--student", str(random_student), "--out", str(out), "--direct", "--steps", "40",
+                                     "--experiment", "e2e-direct", *TRAIN],
                 timeout_s=240)
     hist = json.loads((out / "history.json").read_text())
     first_kl, last_kl = _drop(hist, "reverse_kl")
@@ -56,9 +56,9 @@ def test_trainer_direct_mode_without_queue(stack, random_student, tmp_path):
 def test_sft_baseline_uses_teacher_samples(stack, random_student, tmp_path):
     out = tmp_path / "sft"
     stack.train("trainer-sft", ["--student", str(random_student), "--out", str(out), "--mode", "sft",
-                                "--teacher-tokens", "2000", "--steps", "100", *TRAIN], timeout_s=240)
+                                "--teacher-tokens", "8000", "--steps", "100", *TRAIN], timeout_s=240)
     hist = json.loads((out / "history.json").read_text())
-    assert 2000 <= hist["evals"][-1]["teacher_tokens"] < 2000 + 32 * 25
+    assert 8000 <= hist["evals"][-1]["teacher_tokens"] < 8000 + 32 * 25
     first, last = _drop(hist, "nll")
     assert last < first
 
