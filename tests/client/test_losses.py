@@ -159,3 +159,16 @@ def test_token_logprobs():
     ids = torch.randint(0, V, (2, 3))
     lp = token_logprobs(logits, ids)
     assert torch.allclose(lp, torch.log_softmax(logits, -1).gather(-1, ids[..., None])[..., 0])
+
+
+def test_reverse_kl_pg_baseline_keeps_the_expected_gradient():
+    logits_N_V, teacher_N_V = _dists(6)
+    for n in range(logits_N_V.shape[0]):
+        grads = []
+        for baseline in (False, True):
+            logits = logits_N_V[n].clone().requires_grad_(True)
+            lp_V = torch.log_softmax(logits, -1)
+            out = reverse_kl_pg_loss(lp_V[:, None], lp_V.detach()[:, None], teacher_N_V[n][:, None],
+                                     lp_V.detach().exp()[:, None], baseline=baseline)
+            grads.append(torch.autograd.grad(out.loss, logits)[0])
+        assert torch.allclose(grads[0], grads[1], atol=1e-6)

@@ -9,7 +9,7 @@ operands interleaved, so that the work for digit i sits a fixed distance from it
 where s_i = (a_i + b_i + c_(i-1)) mod 10 and c_i is the carry out. With N = 12 the
 completion is 25 tokens (24 + <eos>). Errors compound: one wrong carry makes every later
 digit wrong, so exact match punishes a student that is only right "most of the time".
-The grader checks the sum read back from the completion (digits and final carry).
+The grader asks for the whole completion, work included: every digit, every carry, <eos>.
 
 Problems are drawn from numpy generators with fixed seeds; the held-out set is disjoint
 from the training stream by construction (its own seed and a parity split on the operands'
@@ -117,12 +117,18 @@ class AdditionTask:
         return np.stack(cols, axis=1)
 
     def grade(self, operands_B_2_N: np.ndarray, completions) -> np.ndarray:
-        """Exact match: bool [B]. `completions` are token-id rows (any length; stops at <eos>)."""
+        """Exact match, bool [B]: the whole completion (every digit, every carry, then <eos>) must
+        be the correct one. `completions` are token-id rows of any length."""
+        want = self.completions(operands_B_2_N)
         ok = np.zeros(operands_B_2_N.shape[0], dtype=bool)
-        for i, (ops, comp) in enumerate(zip(operands_B_2_N, completions)):
-            got = _read_sum(list(map(int, comp)), self.n_digits)
-            ok[i] = got is not None and got == _value(ops[0]) + _value(ops[1])
+        for i, comp in enumerate(completions):
+            comp = np.asarray(comp).reshape(-1)
+            ok[i] = comp.shape[0] == want.shape[1] and bool((comp == want[i]).all())
         return ok
+
+    def stated_sum(self, completion) -> int | None:
+        """The sum a completion states (digits and final carry), or None if it is malformed."""
+        return _read_sum([int(t) for t in completion], self.n_digits)
 
     def text(self, ids) -> str:
         return TOKENIZER.decode(ids)
