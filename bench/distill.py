@@ -17,6 +17,9 @@ import sys
 import time
 from pathlib import Path
 
+# bench/queue.py would shadow the stdlib `queue` (torch imports it): drop this script's folder
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 from opd_services.config import Settings
 from opd_services.demo import teacher_accuracy
 from opd_services.stack import LocalStack

@@ -12,6 +12,9 @@ from opd_services.stack import LocalStack
 
 TRAIN = ["--batch-size", "32", "--lr", "3e-2", "--eval-every", "100", "--eval-size", "16", "--no-progress"]
 STEPS = {"rkl": 40, "fkl": 30}
+# rkl runs without the batch-mean baseline here: with it the surrogate loss is ~0 by construction
+# (mean-centred advantages) and only the reverse KL shows progress; without it, loss ~ reverse KL.
+EXTRA = {"rkl": ["--no-baseline"], "fkl": []}
 
 
 def _drop(history: dict, key: str) -> tuple[float, float]:
@@ -29,7 +32,7 @@ def stack(peaked_teacher, tmp_path_factory):
 def test_trainer_scorer_teacher_processes_reduce_reverse_kl(stack, random_student, tmp_path, loss):
     out = tmp_path / loss
     stack.train(f"trainer-{loss}", ["--student", str(random_student), "--out", str(out), "--loss", loss,
-                                    "--top-k", "8", "--steps", str(STEPS[loss]), "--experiment", f"e2e-{loss}", *TRAIN], timeout_s=240)
+                                    "--top-k", "8", "--steps", str(STEPS[loss]), *EXTRA[loss], "--experiment", f"e2e-{loss}", *TRAIN], timeout_s=240)
     hist = json.loads((out / "history.json").read_text())
     assert len(hist["steps"]) == STEPS[loss]
     first_kl, last_kl = _drop(hist, "reverse_kl")
@@ -37,7 +40,7 @@ def test_trainer_scorer_teacher_processes_reduce_reverse_kl(stack, random_studen
     assert last_kl < 0.7 * first_kl, (first_kl, last_kl)
     assert last_loss < first_loss, (first_loss, last_loss)
     assert hist["teacher_revision"].startswith("sha256:")
-    assert hist["steps"][-1]["teacher_tokens"] > 0 and max(s["staleness"] for s in hist["steps"]) <= 1
+    assert hist["steps"][-1]["teacher_tokens"] > 0 and max(s["staleness"] for s in hist["steps"]) <= 2  # prefetch 1: scored order may interleave two batches
     assert (out / "checkpoint" / "config.json").exists() and (out / "checkpoint" / "tokenizer_opd_chars.json").exists()
 
 
