@@ -22,7 +22,7 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).re
 
 from opd_services.config import Settings
 from opd_services.demo import teacher_accuracy
-from opd_services.stack import LocalStack
+from opd_services.stack import LocalStack, exit_on_sigterm
 from opd_services.tasks.models import task_student, task_teacher
 from opd_services.trainer import report
 
@@ -42,11 +42,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", type=int, default=240_000, help="teacher tokens per run")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--out", type=Path, default=Path("bench-out/distill"))
     p.add_argument("--skip-ablation", action="store_true")
     args = p.parse_args()
+    exit_on_sigterm()
     settings = Settings.load()
     teacher, student = task_teacher(settings.cache_dir), task_student(settings.cache_dir)
     t_acc = teacher_accuracy(teacher, 256)

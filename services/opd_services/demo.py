@@ -58,10 +58,13 @@ def _train_args(plan: DemoPlan, student: Path, out: Path) -> list[str]:
 
 
 def run_demo(settings: Settings, plan: DemoPlan = DemoPlan()) -> int:
-    from opd_services.stack import LocalStack
+    from opd_services.stack import LocalStack, exit_on_sigterm
     from opd_services.tasks.models import task_student, task_teacher
     from opd_services.trainer import report
 
+    exit_on_sigterm()
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
     t_start = time.perf_counter()
     plan.out.mkdir(parents=True, exist_ok=True)
     # 1) checkpoints
@@ -80,13 +83,14 @@ def run_demo(settings: Settings, plan: DemoPlan = DemoPlan()) -> int:
             _say(f"[3/5] OPD ({LABELS[loss].format(k=plan.top_k)}): {plan.opd_steps} steps of {plan.batch_size} "
                  "student rollouts through the queue")
             stack.train(f"opd-{loss}", ["--loss", loss, "--top-k", str(plan.top_k), "--steps", str(plan.opd_steps),
-                                        *_train_args(plan, student_dir, plan.out / f"opd-{loss}")], plan.train_timeout_s)
+                                        *_train_args(plan, student_dir, plan.out / f"opd-{loss}")], plan.train_timeout_s,
+                        console=True)
             opd[loss] = report.load_history(plan.out / f"opd-{loss}")
         budget = max(h["evals"][-1]["teacher_tokens"] for h in opd.values())
         # 4) SFT baseline with the same teacher-token budget
         _say(f"[4/5] SFT on teacher samples, same budget: {budget:,} teacher tokens")
         stack.train("sft", ["--mode", "sft", "--teacher-tokens", str(budget), "--steps", str(10 * plan.opd_steps),
-                            *_train_args(plan, student_dir, plan.out / "sft")], plan.train_timeout_s)
+                            *_train_args(plan, student_dir, plan.out / "sft")], plan.train_timeout_s, console=True)
         sft = report.load_history(plan.out / "sft")
     _say("[5/5] services stopped; writing the report")
     return _report(plan, teacher_acc, opd, sft, time.perf_counter() - t_start)

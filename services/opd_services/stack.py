@@ -22,6 +22,14 @@ import httpx
 from opd_services.redis_embed import EmbeddedRedis, free_port
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit in the calling (main) process, so a LocalStack's `with` block
+    stops its children instead of orphaning them."""
+    def handler(sig, frame):
+        raise SystemExit(128 + sig)
+    signal.signal(signal.SIGTERM, handler)
+
+
 def _env(threads: int) -> dict:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
@@ -60,12 +68,16 @@ class LocalStack:
     def redis_url(self) -> str:
         return self.redis.url
 
-    def _spawn(self, role: str, args: list[str]) -> subprocess.Popen:
+    def _spawn(self, role: str, args: list[str], console: bool = False) -> subprocess.Popen:
+        """Start `opd ARGS`; output to `log_dir/ROLE.log`, or stderr to this console (progress bars)."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_dir / f"{role}.log"
+        env = _env(self.threads)
+        if console:
+            env["OPD_LOG_LEVEL"] = "warning"
         with log.open("wb") as f:
             proc = subprocess.Popen([sys.executable, "-m", "opd_services.cli", *args], stdout=f,
-                                    stderr=subprocess.STDOUT, env=_env(self.threads))
+                                    stderr=None if console else subprocess.STDOUT, env=env)
         self.procs[role] = (proc, log)
         return proc
 
@@ -99,10 +111,11 @@ class LocalStack:
         self._check_alive("scorer")
         return self
 
-    def train(self, role: str, args: list[str], timeout_s: float) -> subprocess.CompletedProcess:
-        """Run `opd train ARGS` as its own process (wired to this stack) and wait for it."""
+    def train(self, role: str, args: list[str], timeout_s: float, console: bool = False) -> subprocess.CompletedProcess:
+        """Run `opd train ARGS` as its own process (wired to this stack) and wait for it.
+        console=True: its progress bar and warnings go to this process's stderr."""
         proc = self._spawn(role, ["train", "--teacher-url", self.teacher_grpc, "--redis-url", self.redis_url,
-                                  "--metrics-port", str(free_port()), *args])
+                                  "--metrics-port", str(free_port()), *args], console=console)
         try:
             rc = proc.wait(timeout_s)
         except subprocess.TimeoutExpired:

@@ -72,6 +72,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from opd_services.trainer.loop import Trainer
     logging.basicConfig(level=os.environ.get("OPD_LOG_LEVEL", "info").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()          # weight loading / shard writing bars: noise here
     cfg = config_from(args)
     torch.set_num_threads(max(1, args.threads))
     if cfg.metrics_port:
