@@ -80,6 +80,11 @@ def _print(res: dict) -> None:
              else "n/a (one of them did not reach 90% within the budget)")
     print(f"D2  tokens to 90% of teacher: OPD {o90 and o90['teacher_tokens']}, SFT {s90 and s90['teacher_tokens']} "
           f"-> ratio SFT/OPD: {ratio}")
+    reached = {n: r["reach_90"]["teacher_tokens"] for n, r in runs.items() if n.startswith("opd") and r["reach_90"]}
+    if reached and s90:
+        best = min(reached, key=reached.get)
+        print(f"    fastest OPD loss to 90%: {best} at {reached[best]:,} tokens -> ratio SFT/OPD "
+              f"{s90['teacher_tokens'] / reached[best]:.2f}x (> 1 favours OPD)")
     print("D3  loss ablation (same budget):")
     for name, r in runs.items():
         if name.startswith("opd"):
