@@ -24,6 +24,8 @@ serve: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/scoring.py
+	$(BIN)/python bench/queue.py
+	$(BIN)/python bench/distill.py
 
 # Regenerate the committed gRPC stubs (a test checks they are fresh).
 proto: $(STAMP)

@@ -123,7 +123,7 @@ class ScorerLoop:
                 dead.append(Outcome(eid, raw, dead_reason=f"corrupt payload: {e.reason}"))
         return items, dead
 
-    def score(self, items: list[Item], stop: threading.Event) -> list[Outcome] | None:
+    def score(self, exp: str, items: list[Item], stop: threading.Event) -> list[Outcome] | None:
         """Outcomes, or None when stopping before the teacher answered (batch released)."""
         attempt, deadline = 0, None
         while True:
@@ -132,13 +132,24 @@ class ScorerLoop:
             except TeacherDown as e:
                 metrics.QUEUE_TEACHER_RETRIES.inc()
                 wait = max(e.retry_after, random.uniform(0, min(self.backoff_max_s, 0.1 * 2 ** attempt)))
+                wait = min(wait, self.reclaim_idle_ms / 2000)   # touch the batch well before it looks stale
                 attempt += 1
                 log.warning("teacher unavailable (%s); retry %d in %.2fs", e, attempt, wait)
+                self._touch(exp, items)
             if stop.is_set():
                 deadline = deadline or time.monotonic() + self.drain_timeout_s
                 if time.monotonic() >= deadline:
                     return None
-            stop.wait(wait) if not stop.is_set() else time.sleep(min(wait, 0.2))
+            if stop.is_set():
+                time.sleep(min(wait, 0.2))     # draining: keep trying until the deadline
+            else:
+                stop.wait(wait)
+
+    def _touch(self, exp: str, items: list[Item]) -> None:
+        try:
+            self.publisher.touch(exp, [it.entry_id for it in items])
+        except RedisError as e:       # only an optimisation: the publish step checks ownership anyway
+            log.debug("could not refresh the batch's idle time: %s", e)
 
     # ---- 4) publish -----------------------------------------------------------------------
 
@@ -172,7 +183,7 @@ class ScorerLoop:
             return 0
         exp, entries = taken
         items, dead = self.decode(entries)
-        outcomes = self.score(items, stop)
+        outcomes = self.score(exp, items, stop)
         if outcomes is None:
             self.release(exp, [e[0].decode() for e in entries])
             log.info("stopping: released %d rollout(s) of %r to other scorers", len(entries), exp)
