@@ -41,6 +41,7 @@ serve: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/scoring.py
 	$(BIN)/python bench/queue.py
+	$(BIN)/python bench/distill.py
 
 # Regenerate the committed Grafana dashboard JSON (a test checks it is fresh).
 dashboard:

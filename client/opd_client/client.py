@@ -26,7 +26,7 @@ from opd_client._proto.opd.teacher.v1 import teacher_pb2 as pb
 from opd_client._proto.opd.teacher.v1 import teacher_pb2_grpc as pb_grpc
 from opd_client.errors import (BY_CODE, InternalError, InvalidRequest, OPDError, PayloadTooLarge,
                                PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable)
-from opd_client.types import ModelInfo, ScoreResponse
+from opd_client.types import GenerateResponse, ModelInfo, ScoreResponse
 
 # ---- Retry policy (the only one in the client) -------------------------------------------
 # Scoring is a pure function of the request, so a retry can never double-count anything.
@@ -179,6 +179,19 @@ class TeacherClient(_Base):
         return wire.response_from_proto(self._call(
             lambda: self._stub.Score(req, timeout=self.timeout, metadata=self._metadata)))
 
+    def generate(self, prompts: Iterable, *, max_tokens: int = 16, temperature: float = 1.0,
+                 stop_ids: Iterable[int] = (), seed: int | None = None) -> GenerateResponse:
+        """Sample one completion per prompt from the teacher. `prompts`: token-id lists or
+        (id, token_ids) pairs. Only retried on connection failures; pass a seed to make a
+        retry return the same samples."""
+        args = (wire.as_prompts(prompts), max_tokens, temperature, list(stop_ids), seed)
+        if self.transport == "http":
+            body = orjson.dumps(wire.generate_json(*args))
+            return wire.generate_from_json(self._call(lambda: self._http_call("POST", "/v1/generate", body)))
+        req = wire.generate_proto(*args)
+        return wire.generate_from_proto(self._call(
+            lambda: self._stub.Generate(req, timeout=self.timeout, metadata=self._metadata)))
+
     def model(self) -> ModelInfo:
         if self.transport == "http":
             return wire.model_from_json(self._call(lambda: self._http_call("GET", "/v1/model")))
@@ -240,6 +253,16 @@ class AsyncTeacherClient(_Base):
         req = wire.request_proto(seqs, k, t, ent)
         return wire.response_from_proto(await self._call(
             lambda: self._stub.Score(req, timeout=self.timeout, metadata=self._metadata)))
+
+    async def generate(self, prompts: Iterable, *, max_tokens: int = 16, temperature: float = 1.0,
+                       stop_ids: Iterable[int] = (), seed: int | None = None) -> GenerateResponse:
+        args = (wire.as_prompts(prompts), max_tokens, temperature, list(stop_ids), seed)
+        if self.transport == "http":
+            body = orjson.dumps(wire.generate_json(*args))
+            return wire.generate_from_json(await self._call(lambda: self._http_call("POST", "/v1/generate", body)))
+        req = wire.generate_proto(*args)
+        return wire.generate_from_proto(await self._call(
+            lambda: self._stub.Generate(req, timeout=self.timeout, metadata=self._metadata)))
 
     async def model(self) -> ModelInfo:
         if self.transport == "http":

@@ -170,3 +170,26 @@ class ScoredRollout:
             object.__setattr__(self, "top_ids", ids)
             object.__setattr__(self, "top_logprobs", _array("top_logprobs", self.top_logprobs, np.float32, ids.shape))
         object.__setattr__(self, "scored_at", float(self.scored_at))
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One teacher sample: ids and the logprob of each under the distribution sampled from."""
+
+    id: str
+    token_ids_T: np.ndarray         # int64 [T]
+    logprobs_T: np.ndarray          # float32 [T]
+    finish_reason: str              # "stop" (ends with a stop id) | "length"
+
+
+@dataclass(frozen=True)
+class GenerateUsage:
+    prompt_tokens: int
+    generated_tokens: int
+
+
+@dataclass(frozen=True)
+class GenerateResponse:
+    model: ModelInfo
+    results: list[Generation]
+    usage: GenerateUsage

@@ -10,7 +10,8 @@ from typing import Iterable
 import numpy as np
 
 from opd_client._proto.opd.teacher.v1 import teacher_pb2 as pb
-from opd_client.types import ModelInfo, ScoreResponse, Sequence, SequenceScores, Usage
+from opd_client.types import (GenerateResponse, GenerateUsage, Generation, ModelInfo, ScoreResponse, Sequence,
+                              SequenceScores, Usage)
 
 SequenceLike = Sequence | Iterable[int]
 
@@ -110,3 +111,51 @@ def response_from_proto(resp: pb.ScoreResponse) -> ScoreResponse:
                                       entropy_T=ent))
     return ScoreResponse(model=model_from_proto(resp.model), results=results,
                          usage=Usage(resp.usage.scored_tokens, resp.usage.total_tokens), top_k=k)
+
+
+# ---- generation (both transports) ---------------------------------------------------------
+
+def as_prompts(prompts) -> list[tuple[str, list[int]]]:
+    """Accept bare token-id lists / arrays, or (id, token_ids) pairs."""
+    out = []
+    for p in prompts:
+        if isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str):
+            out.append((p[0], _ids(p[1])))
+        else:
+            out.append(("", _ids(p)))
+    return out
+
+
+def generate_json(prompts, max_tokens: int, temperature: float, stop_ids, seed) -> dict:
+    body = {"prompts": [{"id": i, "token_ids": ids} for i, ids in prompts], "max_tokens": int(max_tokens),
+            "temperature": float(temperature), "stop_ids": _ids(stop_ids)}
+    if seed is not None:
+        body["seed"] = int(seed)
+    return body
+
+
+def generate_from_json(d: dict) -> GenerateResponse:
+    u = d.get("usage", {})
+    return GenerateResponse(
+        model=model_from_json(d["model"]),
+        results=[Generation(id=r.get("id", ""), token_ids_T=np.asarray(r["token_ids"], dtype=np.int64),
+                            logprobs_T=np.asarray(r["logprobs"], dtype=np.float32),
+                            finish_reason=r.get("finish_reason", "")) for r in d["results"]],
+        usage=GenerateUsage(u.get("prompt_tokens", 0), u.get("generated_tokens", 0)))
+
+
+def generate_proto(prompts, max_tokens: int, temperature: float, stop_ids, seed) -> pb.GenerateRequest:
+    msg = pb.GenerateRequest(prompts=[pb.Prompt(id=i, token_ids=ids) for i, ids in prompts],
+                             max_tokens=int(max_tokens), temperature=float(temperature), stop_ids=_ids(stop_ids))
+    if seed is not None:
+        msg.seed = int(seed)
+    return msg
+
+
+def generate_from_proto(resp: pb.GenerateResponse) -> GenerateResponse:
+    return GenerateResponse(
+        model=model_from_proto(resp.model),
+        results=[Generation(id=r.id, token_ids_T=np.array(r.token_ids, dtype=np.int64),
+                            logprobs_T=np.array(r.logprobs, dtype=np.float32), finish_reason=r.finish_reason)
+                 for r in resp.results],
+        usage=GenerateUsage(resp.usage.prompt_tokens, resp.usage.generated_tokens))

@@ -1,12 +1,14 @@
-"""The `opd` command: serve, scorer, demo (and, as they land: train, experiments)."""
+"""The `opd` command: serve, scorer, train, demo (and, as they land: experiments)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import asyncio
 import logging
 import sys
 
 from opd_services.errors import ConfigError, OPDError
+from opd_services.trainer import cli as train_cli
 
 
 def _settings(args: argparse.Namespace):
@@ -32,16 +34,34 @@ def cmd_scorer(args: argparse.Namespace) -> int:
     return serve_scorer(settings)
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    return train_cli.cmd_train(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    from opd_services.demo import run_demo
-    return run_demo(_settings(args))
+    from pathlib import Path
+
+    from opd_services.config import Settings
+    from opd_services.demo import DemoPlan, run_demo
+    plan = DemoPlan(out=Path(args.out), rebuild=args.rebuild_checkpoints)
+    if args.opd_steps:
+        plan = dataclasses.replace(plan, opd_steps=args.opd_steps)
+    if args.losses:
+        plan = dataclasses.replace(plan, losses=tuple(x.strip() for x in args.losses.split(",") if x.strip()))
+    return run_demo(Settings.load(), plan)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="opd", description="OPD Teacher: teacher-as-a-service for on-policy distillation.")
     sub = p.add_subparsers(dest="cmd", required=True)
     serve = sub.add_parser("serve", help="run the teacher (HTTP + gRPC) over one engine")
-    for sp in (serve, sub.add_parser("demo", help="start the teacher on embedded defaults, score a sample, stop")):
+    demo = sub.add_parser("demo", help="distil the demo teacher into a 4x smaller student: OPD vs SFT, table + plot")
+    demo.add_argument("--out", default="demo-out", help="where the table's JSON, the plot and the logs go")
+    demo.add_argument("--opd-steps", type=int, default=None, help="OPD optimizer steps")
+    demo.add_argument("--losses", default=None, help="OPD losses to run, comma-separated (default rkl,fkl)")
+    demo.add_argument("--rebuild-checkpoints", action="store_true",
+                      help="train the teacher and the student's warm start here instead of using the committed builds")
+    for sp in (serve,):
         sp.add_argument("--model", help="HF-format model directory (OPD_MODEL)")
         sp.add_argument("--engine", choices=["torch", "vllm", "uniform"], help="OPD_ENGINE")
         sp.add_argument("--host", help="bind address (OPD_HOST)")
@@ -58,13 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     scorer.add_argument("--batch-size", dest="scorer_batch_size", type=int, help="OPD_SCORER_BATCH_SIZE")
     scorer.add_argument("--concurrency", dest="scorer_concurrency", type=int, help="OPD_SCORER_CONCURRENCY")
     scorer.add_argument("--metrics-port", dest="scorer_metrics_port", type=int, help="OPD_SCORER_METRICS_PORT")
+    train_cli.add_parser(sub)
     from opd_services.tenancy.cli import add_parser as add_experiments
     add_experiments(sub)
     args = p.parse_args(argv)
     try:
         if hasattr(args, "func"):
             return args.func(args)
-        return {"serve": cmd_serve, "scorer": cmd_scorer, "demo": cmd_demo}[args.cmd](args)
+        return {"serve": cmd_serve, "scorer": cmd_scorer, "demo": cmd_demo, "train": cmd_train}[args.cmd](args)
     except ConfigError as e:
         print(f"opd: configuration error: {e}", file=sys.stderr)
         return 2

@@ -38,6 +38,7 @@ class Settings(BaseSettings):
     max_candidates: int = Field(256, ge=1, description="Most candidate ids per scored position.")
     max_request_sequences: int = Field(1024, ge=1, description="Most sequences in one request.")
     max_request_tokens: int = Field(262_144, ge=2, description="Most tokens (summed over sequences) in one request.")
+    max_generate_tokens: int = Field(1024, ge=1, description="Largest max_tokens a generate request may ask for.")
     max_body_bytes: int = Field(64 << 20, ge=1024, description="Largest request body, HTTP and gRPC; larger ones are refused unread.")
 
     # --- batching ---
@@ -59,6 +60,7 @@ class Settings(BaseSettings):
     scorer_teacher_timeout_s: float = Field(120.0, gt=0, description="Deadline of one teacher request made by a scorer.")
     scorer_discovery_s: float = Field(2.0, gt=0, description="How often a scorer looks for new experiments (SCAN for opd:{*}:rollouts).")
     scorer_gauges_s: float = Field(2.0, gt=0, description="How often the scorer refreshes the opd_queue_backlog / opd_queue_pending gauges.")
+    trainer_metrics_port: int = Field(9101, ge=0, le=65535, description="Port of `opd train`'s own /metrics (Prometheus); 0 = none.")
     scorer_metrics_port: int = Field(9100, ge=0, le=65535, description="Port of the scorer's own /metrics (Prometheus); 0 = none.")
 
     # --- tenancy ---

@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -37,22 +38,20 @@ BENCH_MODEL = LlamaShape(32_000, 256, 4, 4, 4, 688, 4096)
 TINY = LlamaShape(128, 32, 2, 4, 2, 64, 256)
 
 
-def build_random_llama(path: str | Path, shape: LlamaShape, *, seed: int = 0, dtype: str = "float32") -> Path:
-    """Write a random-initialised LlamaForCausalLM to `path` (atomically); return the path."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def llama_config(shape: LlamaShape):
+    from transformers import LlamaConfig
+    return LlamaConfig(**asdict(shape), tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
+                       pad_token_id=None)
 
-    path = Path(path)
-    if (path / "config.json").exists():
-        return path
+
+def save_atomically(model, path: Path, extra: Callable[[Path], None] | None = None) -> Path:
+    """save_pretrained into a temp dir beside `path` (plus `extra(tmp)` files), then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    config = LlamaConfig(**asdict(shape), tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=None)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(getattr(torch, dtype)).eval()
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
+        if extra is not None:
+            extra(tmp)
         try:
             os.rename(tmp, path)
         except OSError:  # another process built it first
@@ -61,6 +60,19 @@ def build_random_llama(path: str | Path, shape: LlamaShape, *, seed: int = 0, dt
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def build_random_llama(path: str | Path, shape: LlamaShape, *, seed: int = 0, dtype: str = "float32") -> Path:
+    """Write a random-initialised LlamaForCausalLM to `path` (atomically); return the path."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    path = Path(path)
+    if (path / "config.json").exists():
+        return path
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(llama_config(shape)).to(getattr(torch, dtype)).eval()
+    return save_atomically(model, path)
 
 
 def cached_random_llama(cache_dir: str | Path, shape: LlamaShape, *, seed: int = 0, prefix: str = "random-llama") -> Path:

@@ -3,6 +3,8 @@
 Requests arrive on the asyncio loop (HTTP and gRPC handlers); one engine thread takes
 batches and runs the engine; results go back to the loop with call_soon_threadsafe.
 Network I/O never runs on the engine thread and the engine never runs on the loop.
+Whole-request jobs (generation: `call`) run on the same engine thread between batches,
+first come first served, so the engine is never used from two threads.
 
 Batch selection is weighted fair queuing on tokens (start-time fair queuing): each sequence
 gets a virtual finish tag, start + tokens / weight of its experiment, where start is the later
@@ -24,7 +26,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from opd_services import metrics
 from opd_services.errors import Unavailable
@@ -45,6 +47,15 @@ class _Pending:
     enqueued_at: float = field(default_factory=time.monotonic)
 
 
+@dataclass(slots=True)
+class _Job:
+    fn: Callable[[Engine], Any]
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    experiment: str
+    n_tokens: int
+
+
 WINDOW_BATCHES = 4   # how far past the anchor's tag (in batches of virtual time) fill may reach
 
 
@@ -57,6 +68,7 @@ class Batcher:
         self.batching = batching
         self.on_engine_time = on_engine_time     # (experiment, seconds): called on the engine thread
         self._pending: list[_Pending] = []
+        self._jobs: list[_Job] = []
         self._cond = threading.Condition()
         self._stopping = False
         self._busy = 0
@@ -90,6 +102,21 @@ class Batcher:
         finally:
             metrics.INFLIGHT_TOKENS.dec(tokens)
 
+    async def call(self, fn: Callable[[Engine], Any], n_tokens: int, experiment: str = "default") -> Any:
+        """Run fn(engine) on the engine thread (between batches) and return its result."""
+        loop = asyncio.get_running_loop()
+        job = _Job(fn, loop.create_future(), loop, experiment, n_tokens)
+        with self._cond:
+            if self._stopping:
+                raise Unavailable("the teacher is shutting down; retry on another replica")
+            self._jobs.append(job)
+            self._cond.notify()
+        metrics.INFLIGHT_TOKENS.inc(n_tokens)
+        try:
+            return await job.future
+        finally:
+            metrics.INFLIGHT_TOKENS.dec(n_tokens)
+
     def _idle_credit(self, first: ScoreItem, weight: float) -> float:
         """An experiment that was idle starts early by its first sequence's own virtual length
         (at most one batch), so that sequence goes into the next batch instead of queueing
@@ -99,7 +126,7 @@ class Batcher:
 
     def idle(self) -> bool:
         with self._cond:
-            return not self._pending and not self._busy
+            return not self._pending and not self._jobs and not self._busy
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish what is queued (up to `timeout`), then stop the engine thread."""
@@ -108,9 +135,10 @@ class Batcher:
             self._cond.notify_all()
         self._thread.join(timeout)
         with self._cond:
-            for p in self._pending:
+            for p in [*self._pending, *self._jobs]:
                 p.loop.call_soon_threadsafe(_fail, p.future, Unavailable("the teacher shut down before scoring this"))
             self._pending.clear()
+            self._jobs.clear()
 
     # ---- engine thread ----------------------------------------------------------------
 
@@ -120,6 +148,9 @@ class Batcher:
             batch = self._take()
             if batch is None:
                 return
+            if isinstance(batch, _Job):
+                self._run_job(batch)
+                continue
             # 2) score it
             t0 = time.perf_counter()
             try:
@@ -139,12 +170,33 @@ class Batcher:
                     p.loop.call_soon_threadsafe(_resolve, p.future, r)
             self._account(batch, elapsed)
 
-    def _take(self) -> list[_Pending] | None:
+    def _run_job(self, job: _Job) -> None:
+        t0 = time.perf_counter()
+        try:
+            result = job.fn(self.engine)
+        except Exception as e:  # a failed job fails its own request only
+            log.exception("engine failed on a job")
+            job.loop.call_soon_threadsafe(_fail, job.future, e)
+        else:
+            job.loop.call_soon_threadsafe(_resolve, job.future, result)
+        finally:
+            with self._cond:
+                self._busy = 0
+        elapsed = time.perf_counter() - t0
+        metrics.FORWARD_SECONDS.observe(elapsed)
+        metrics.TEACHER_SECONDS.labels(job.experiment).inc(elapsed)
+        if self.on_engine_time:
+            self.on_engine_time(job.experiment, elapsed)
+
+    def _take(self) -> list[_Pending] | _Job | None:
         with self._cond:
-            while not self._pending:
+            while not self._pending and not self._jobs:
                 if self._stopping:
                     return None
                 self._cond.wait()
+            if self._jobs:
+                self._busy = 1
+                return self._jobs.pop(0)
             if self.batching and self.batch_wait_s and not self._stopping:
                 deadline = self._pending[0].enqueued_at + self.batch_wait_s
                 while self._tokens_waiting() < self.max_batch_tokens and time.monotonic() < deadline:

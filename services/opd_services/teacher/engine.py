@@ -1,8 +1,8 @@
 """The engine protocol: what ScoringService needs from a model, and the typed items it passes.
 
 An engine turns token ids into teacher logprobs. It knows nothing of HTTP, gRPC, requests,
-batching policy or tenancy: it receives an already-validated batch and scores it.
-`score` is called from the batcher's single engine thread only.
+batching policy or tenancy: it receives an already-validated batch and scores it (or samples
+from it). `score` and `generate` are called from the batcher's single engine thread only.
 """
 from __future__ import annotations
 
@@ -47,11 +47,44 @@ class ItemScores:
     entropy_T: np.ndarray | None = None             # float32 [T]
 
 
+@dataclass(frozen=True, slots=True)
+class SampleParams:
+    max_tokens: int
+    temperature: float = 1.0            # 0 = greedy
+    stop_ids: tuple[int, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Sampled:
+    """One sampled completion; the stop id, when one ended it, is its last token."""
+
+    token_ids_T: np.ndarray        # int64 [T], T <= max_tokens
+    logprobs_T: np.ndarray         # float32 [T], of the distribution sampled from
+    finish_reason: str             # "stop" | "length"
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateItem:
+    """One validated generation request: prompts share the sampling parameters."""
+
+    prompts: list[np.ndarray]               # int64 [L_i] each
+    params: SampleParams
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(int(p.shape[0]) for p in self.prompts) + self.params.max_tokens * len(self.prompts)
+
+
 class Engine(Protocol):
     info: ModelInfo
 
     def score(self, items: list[ScoreItem]) -> list[ItemScores]:
         """Score a batch; blocking. Results are in the order of `items`."""
+        ...
+
+    def generate(self, item: GenerateItem) -> list[Sampled]:
+        """Sample one completion per prompt; blocking. Results are in the order of the prompts."""
         ...
 
     def close(self) -> None:

@@ -19,7 +19,8 @@ from opd_client._proto.opd.teacher.v1 import teacher_pb2 as pb
 from opd_services import metrics
 from opd_services.errors import (InvalidRequest, OPDError, PermissionDenied, ResourceExhausted,
                                  Unauthenticated, Unavailable)
-from opd_services.teacher.protocol import model_proto, request_from_proto, result_proto
+from opd_services.teacher.protocol import (generate_from_proto, generate_proto, model_proto, request_from_proto,
+                                           result_proto)
 from opd_services.teacher.service import ScoringService
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,15 @@ class TeacherGrpc:
             return result_proto(await self.service.score(request_from_proto(msg), tenant))
         return await self._unary(f"/{SERVICE}/Score", context, call)
 
+    async def generate(self, raw: bytes, context) -> pb.GenerateResponse:
+        async def call(tenant):
+            try:
+                msg = pb.GenerateRequest.FromString(raw)
+            except DecodeError as e:
+                raise InvalidRequest("body", f"malformed protobuf GenerateRequest: {e}") from None
+            return generate_proto(await self.service.generate(generate_from_proto(msg), tenant))
+        return await self._unary(f"/{SERVICE}/Generate", context, call)
+
     async def get_model(self, raw: bytes, context) -> pb.ModelInfo:
         async def call(tenant):
             return model_proto(self.service.model_info())
@@ -88,6 +98,8 @@ class TeacherGrpc:
         handlers = {
             "Score": grpc.unary_unary_rpc_method_handler(self.score, response_serializer=pb.ScoreResponse.SerializeToString),
             "GetModel": grpc.unary_unary_rpc_method_handler(self.get_model, response_serializer=pb.ModelInfo.SerializeToString),
+            "Generate": grpc.unary_unary_rpc_method_handler(
+                self.generate, response_serializer=pb.GenerateResponse.SerializeToString),
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

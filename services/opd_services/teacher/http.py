@@ -1,6 +1,6 @@
 """Native HTTP surface (FastAPI): parse, call ScoringService, map the result. Nothing else.
 
-Routes: POST /v1/score, GET /v1/model, GET /healthz, GET /readyz, GET /metrics, OpenAPI at
+Routes: POST /v1/score, POST /v1/generate, GET /v1/model, GET /healthz, GET /readyz, GET /metrics, OpenAPI at
 /docs. Errors are mapped to status codes here and only here (`error_response`).
 """
 from __future__ import annotations
@@ -18,12 +18,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from opd_services import metrics
 from opd_services.errors import (InvalidRequest, OPDError, PayloadTooLarge, PermissionDenied,
                                  ResourceExhausted, Unauthenticated, Unavailable)
-from opd_services.teacher.protocol import ModelJSON, ScoreRequestJSON, ScoreResponseJSON, result_json
+from opd_services.teacher.protocol import (GenerateRequestJSON, GenerateResponseJSON, ModelJSON, ScoreRequestJSON,
+                                           ScoreResponseJSON, generate_json, result_json)
 from opd_services.teacher.service import ScoringService
 from opd_services.tenancy.auth import Tenant
 
 log = logging.getLogger(__name__)
-ROUTES = {"/v1/score", "/v1/model", "/healthz", "/readyz", "/metrics", "/v1/admin/experiments"}
+ROUTES = {"/v1/score", "/v1/generate", "/v1/model", "/healthz", "/readyz", "/metrics", "/v1/admin/experiments"}
 
 
 def json_response(body, status: int = 200, headers: dict | None = None) -> Response:
@@ -98,6 +99,11 @@ def create_app(service: ScoringService, max_body_bytes: int, registry=None) -> F
     async def score(body: ScoreRequestJSON, who: Tenant = Depends(tenant)):
         result = await service.score(body.to_request(), who)
         return json_response(result_json(result))
+
+    @app.post("/v1/generate", response_model=None, responses={200: {"model": GenerateResponseJSON}})
+    async def generate(body: GenerateRequestJSON, who: Tenant = Depends(tenant)):
+        result = await service.generate(body.to_request(), who)
+        return json_response(generate_json(result))
 
     @app.get("/v1/model", response_model=ModelJSON)
     async def model(who: Tenant = Depends(tenant)):

@@ -12,7 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from opd_client._proto.opd.teacher.v1 import teacher_pb2 as pb
 from opd_client.types import ModelInfo
 from opd_services.errors import InvalidRequest
-from opd_services.teacher.service import ScoreRequest, ScoreResult, SequenceIn
+from opd_services.teacher.service import (GenerateRequest, GenerateResult, PromptIn, ScoreRequest, ScoreResult,
+                                          SequenceIn)
 
 # ---- HTTP JSON ---------------------------------------------------------------------------
 
@@ -90,6 +91,52 @@ def result_json(res: ScoreResult) -> dict:
             "usage": {"scored_tokens": res.scored_tokens, "total_tokens": res.total_tokens}}
 
 
+class PromptJSON(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field("", description="Echoed in the result.")
+    token_ids: list[StrictInt] = Field(..., description="Prompt token ids, length >= 1.")
+
+
+class GenerateRequestJSON(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompts: list[PromptJSON]
+    max_tokens: StrictInt = Field(16, description="Most tokens sampled per prompt, 1 .. server max.")
+    temperature: float = Field(1.0, description="Sampling temperature >= 0; 0 = greedy.")
+    stop_ids: list[StrictInt] = Field([], description="A sampled stop id ends its sequence (and is returned).")
+    seed: StrictInt | None = Field(None, description="Same seed and request -> same samples.")
+
+    def to_request(self) -> GenerateRequest:
+        return GenerateRequest(prompts=[PromptIn(token_ids=p.token_ids, id=p.id) for p in self.prompts],
+                               max_tokens=self.max_tokens, temperature=self.temperature,
+                               stop_ids=self.stop_ids, seed=self.seed)
+
+
+class GenerationJSON(BaseModel):
+    id: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+
+
+class GenerateUsageJSON(BaseModel):
+    prompt_tokens: int
+    generated_tokens: int
+
+
+class GenerateResponseJSON(BaseModel):
+    """Documented shape of POST /v1/generate."""
+    model: ModelJSON
+    results: list[GenerationJSON]
+    usage: GenerateUsageJSON
+
+
+def generate_json(res: GenerateResult) -> dict:
+    return {"model": res.model.to_dict(),
+            "results": [{"id": rid, "token_ids": x.token_ids_T, "logprobs": x.logprobs_T,
+                         "finish_reason": x.finish_reason} for rid, x in zip(res.ids, res.samples)],
+            "usage": {"prompt_tokens": res.prompt_tokens, "generated_tokens": res.generated_tokens}}
+
+
 # ---- gRPC --------------------------------------------------------------------------------
 
 
@@ -126,4 +173,21 @@ def result_proto(res: ScoreResult) -> pb.ScoreResponse:
             r.candidate_width = sc.candidate_logprobs_T_C.shape[1]
         if sc.entropy_T is not None:
             r.entropy.extend(sc.entropy_T.tolist())
+    return out
+
+
+def generate_from_proto(msg: pb.GenerateRequest) -> GenerateRequest:
+    return GenerateRequest(
+        prompts=[PromptIn(token_ids=np.array(p.token_ids, dtype=np.int64), id=p.id) for p in msg.prompts],
+        max_tokens=msg.max_tokens or 16,
+        temperature=msg.temperature if msg.HasField("temperature") else 1.0,
+        stop_ids=list(msg.stop_ids), seed=msg.seed if msg.HasField("seed") else None)
+
+
+def generate_proto(res: GenerateResult) -> pb.GenerateResponse:
+    out = pb.GenerateResponse(model=model_proto(res.model), usage=pb.GenerateUsage(
+        prompt_tokens=res.prompt_tokens, generated_tokens=res.generated_tokens))
+    for rid, x in zip(res.ids, res.samples):
+        out.results.add(id=rid, token_ids=x.token_ids_T.tolist(), logprobs=x.logprobs_T.tolist(),
+                        finish_reason=x.finish_reason)
     return out

@@ -20,7 +20,7 @@ from opd_services import metrics
 from opd_services.config import Settings
 from opd_services.errors import InvalidRequest, ResourceExhausted, Unavailable
 from opd_services.teacher.batcher import Batcher
-from opd_services.teacher.engine import Engine, ItemScores, ScoreItem
+from opd_services.teacher.engine import Engine, GenerateItem, ItemScores, Sampled, SampleParams, ScoreItem
 from opd_services.tenancy.auth import DEFAULT, Authenticator, Tenant, UsageRecorder
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,30 @@ class ScoreRequest:
     top_k: int = 0
     temperature: float = 1.0
     entropy: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PromptIn:
+    token_ids: Any                  # list[int] or an int array, length >= 1
+    id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateRequest:
+    prompts: list[PromptIn]
+    max_tokens: int = 16
+    temperature: float = 1.0        # 0 = greedy
+    stop_ids: Any = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateResult:
+    model: ModelInfo
+    ids: list[str]
+    samples: list[Sampled]
+    prompt_tokens: int
+    generated_tokens: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +183,71 @@ class ScoringService:
         metrics.REJECTIONS.labels(tenant.name, reason).inc()
         if self.usage is not None:
             self.usage.add(tenant.name, rejections=1)
+
+    async def generate(self, req: GenerateRequest, tenant: Tenant = DEFAULT) -> GenerateResult:
+        """Sample completions from the teacher (for SFT baselines and mixed on/off-policy data)."""
+        if not self.ready:
+            raise Unavailable("the teacher is draining" if self.draining else
+                              "the teacher engine is still loading; retry when GET /readyz answers 200")
+        try:
+            item = self.validate_generate(req)
+        except InvalidRequest:
+            self._rejected(tenant, "invalid")
+            raise
+        if not hasattr(self.engine, "generate"):
+            raise InvalidRequest("prompts", f"the {self.engine.info.engine} engine cannot generate; use the torch engine")
+        self._admit(tenant, item.n_tokens)
+        self._inflight += 1
+        self._idle.clear()
+        try:
+            samples = await self.batcher.call(lambda engine: engine.generate(item), item.n_tokens, tenant.name)
+        finally:
+            self._inflight -= 1
+            self._tenant_tokens[tenant.name] -= item.n_tokens
+            if self._inflight == 0:
+                self._idle.set()
+        generated = sum(int(x.token_ids_T.shape[0]) for x in samples)
+        metrics.GENERATED_TOKENS.labels(tenant.name).inc(generated)
+        if self.usage is not None:
+            self.usage.add(tenant.name, requests=1)
+        return GenerateResult(model=self.engine.info, ids=[p.id for p in req.prompts], samples=samples,
+                              prompt_tokens=sum(int(p.shape[0]) for p in item.prompts), generated_tokens=generated)
+
+    def validate_generate(self, req: GenerateRequest) -> GenerateItem:
+        """The same checks as scoring, for prompts and sampling parameters."""
+        info, s = self.model_info(), self.settings
+        mt = req.max_tokens
+        if not isinstance(mt, (int, np.integer)) or isinstance(mt, bool) or not 1 <= mt <= s.max_generate_tokens:
+            raise InvalidRequest("max_tokens", f"must be an integer in [1, {s.max_generate_tokens}], got {mt!r}")
+        t = req.temperature
+        if not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise InvalidRequest("temperature", f"must be a finite number >= 0 (0 = greedy), got {t!r}")
+        stops = _int_array("stop_ids", list(req.stop_ids) if req.stop_ids is not None else [], 1)
+        _check_vocab("stop_ids", stops, info.vocab_size)
+        if req.seed is not None and (not isinstance(req.seed, (int, np.integer)) or not 0 <= req.seed < 2**63):
+            raise InvalidRequest("seed", f"must be an integer in [0, 2^63), got {req.seed!r}")
+        if not req.prompts:
+            raise InvalidRequest("prompts", "must hold at least one prompt")
+        if len(req.prompts) > s.max_request_sequences:
+            raise InvalidRequest("prompts", f"{len(req.prompts)} prompts; at most {s.max_request_sequences} per request")
+        prompts, total = [], 0
+        for i, p in enumerate(req.prompts):
+            field = f"prompts[{i}].token_ids"
+            ids = _int_array(field, p.token_ids, 1)
+            if ids.shape[0] < 1:
+                raise InvalidRequest(field, "needs at least 1 token")
+            if ids.shape[0] + mt > info.max_model_len:
+                raise InvalidRequest(field, f"{ids.shape[0]} tokens + max_tokens {mt} exceeds the model's max length "
+                                            f"{info.max_model_len}")
+            _check_vocab(field, ids, info.vocab_size)
+            total += ids.shape[0] + mt
+            if total > s.max_request_tokens:
+                raise InvalidRequest("prompts", f"more than {s.max_request_tokens} tokens (prompts + max_tokens) in one "
+                                                "request; split it")
+            prompts.append(ids)
+        params = SampleParams(max_tokens=int(mt), temperature=float(t), stop_ids=tuple(int(x) for x in stops),
+                              seed=None if req.seed is None else int(req.seed))
+        return GenerateItem(prompts=prompts, params=params)
 
     def validate(self, req: ScoreRequest) -> list[ScoreItem]:
         """Check every field against the contract; raise InvalidRequest naming the first bad one."""

@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from opd_client.types import ModelInfo
-from opd_services.teacher.engine import ItemScores, ScoreItem
+from opd_services.teacher.engine import GenerateItem, ItemScores, Sampled, ScoreItem
 
 
 class UniformEngine:
@@ -33,6 +33,21 @@ class UniformEngine:
                 top_logprobs_T_K=np.full((t, k), lp, dtype=np.float32) if k else None,
                 candidate_logprobs_T_C=None if c is None else np.full(c.shape, lp, dtype=np.float32),
                 entropy_T=np.full(t, -lp, dtype=np.float32) if it.entropy else None))
+        return out
+
+    def generate(self, item: GenerateItem) -> list[Sampled]:
+        """Uniform samples (greedy = id 0); every logprob is log 1/V, like its scores."""
+        p = item.params
+        rng = np.random.default_rng(p.seed)
+        lp = np.float32(-math.log(self.vocab_size))
+        stops = np.asarray(sorted(set(p.stop_ids)), dtype=np.int64)
+        out = []
+        for _ in item.prompts:
+            ids = (np.zeros(p.max_tokens, dtype=np.int64) if p.temperature == 0
+                   else rng.integers(0, self.vocab_size, size=p.max_tokens))
+            hits = np.flatnonzero(np.isin(ids, stops))
+            n = int(hits[0]) + 1 if hits.size else p.max_tokens
+            out.append(Sampled(ids[:n], np.full(n, lp, dtype=np.float32), "stop" if hits.size else "length"))
         return out
 
     def close(self) -> None:

@@ -44,6 +44,11 @@ class TeacherStub:
                 request_serializer=opd_dot_teacher_dot_v1_dot_teacher__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=opd_dot_teacher_dot_v1_dot_teacher__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.Generate = channel.unary_unary(
+                '/opd.teacher.v1.Teacher/Generate',
+                request_serializer=opd_dot_teacher_dot_v1_dot_teacher__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=opd_dot_teacher_dot_v1_dot_teacher__pb2.GenerateResponse.FromString,
+                _registered_method=True)
 
 
 class TeacherServicer:
@@ -63,6 +68,13 @@ class TeacherServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Generate(self, request, context):
+        """Sample completions from the teacher (SFT baselines, mixed on/off-policy data).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TeacherServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +87,11 @@ def add_TeacherServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=opd_dot_teacher_dot_v1_dot_teacher__pb2.GetModelRequest.FromString,
                     response_serializer=opd_dot_teacher_dot_v1_dot_teacher__pb2.ModelInfo.SerializeToString,
+            ),
+            'Generate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=opd_dot_teacher_dot_v1_dot_teacher__pb2.GenerateRequest.FromString,
+                    response_serializer=opd_dot_teacher_dot_v1_dot_teacher__pb2.GenerateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +148,33 @@ class Teacher:
             '/opd.teacher.v1.Teacher/GetModel',
             opd_dot_teacher_dot_v1_dot_teacher__pb2.GetModelRequest.SerializeToString,
             opd_dot_teacher_dot_v1_dot_teacher__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/opd.teacher.v1.Teacher/Generate',
+            opd_dot_teacher_dot_v1_dot_teacher__pb2.GenerateRequest.SerializeToString,
+            opd_dot_teacher_dot_v1_dot_teacher__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,68 @@
+"""TrainConfig: everything one `opd train` run needs, checked at start-up.
+
+Flags map one to one onto fields (`opd train --help`). A bad value raises ConfigError with the
+flag, the value and the reason. This module starts nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from opd_services.errors import ConfigError
+
+LOSSES = ("rkl", "fkl", "jsd")
+MODES = ("opd", "sft")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    student: Path                      # HF-format student directory (with the task tokenizer)
+    out: Path                          # where history.json and checkpoint/ go
+    teacher_url: str = "grpc://127.0.0.1:50051"
+    redis_url: str | None = None       # queue mode; None with direct=False: start an embedded Valkey
+    direct: bool = False               # call the teacher without the queue
+    experiment: str = "demo"
+    mode: str = "opd"                  # opd: student samples, teacher scores | sft: teacher samples
+    loss: str = "rkl"                  # rkl (sampled-token reverse KL, PG) | fkl | jsd (teacher top-k)
+    top_k: int = 8                     # teacher top-k for fkl / jsd
+    beta: float = 0.5                  # JSD weight
+    steps: int = 200                   # at most this many optimizer steps
+    teacher_tokens: int = 0            # stop once this many teacher tokens were used (0 = no limit)
+    batch_size: int = 64               # rollouts (or teacher samples) per step
+    lr: float = 1e-3
+    clip_eps: float = 0.2
+    baseline: bool = True              # rkl: subtract the batch-mean advantage (variance reduction)
+    temperature: float = 1.0           # sampling temperature (student for OPD, teacher for SFT)
+    prefetch: int = 1                  # queue mode: batches sampled ahead (1 = one step stale at most)
+    max_staleness: int = 4             # rollouts older than this many policy versions are dropped
+    eval_every: int = 10
+    eval_size: int = 256
+    checkpoint_every: int = 0          # 0 = only at the end
+    seed: int = 0
+    metrics_port: int = 9101           # Prometheus /metrics of this process; 0 = none
+    progress: bool = True
+
+    def __post_init__(self):
+        checks = [
+            (self.mode in MODES, "mode", f"must be one of {MODES}"),
+            (self.loss in LOSSES, "loss", f"must be one of {LOSSES}"),
+            (self.loss == "rkl" or 1 <= self.top_k, "top_k", "must be >= 1 for the fkl and jsd losses"),
+            (0 < self.beta < 1, "beta", "must be strictly between 0 and 1"),
+            (self.steps >= 1, "steps", "must be >= 1"),
+            (self.teacher_tokens >= 0, "teacher_tokens", "must be >= 0"),
+            (self.batch_size >= 1, "batch_size", "must be >= 1"),
+            (self.lr > 0, "lr", "must be > 0"),
+            (0 < self.clip_eps < 1, "clip_eps", "must be in (0, 1)"),
+            (self.temperature > 0, "temperature", "must be > 0 (on-policy samples need a real distribution)"),
+            (self.prefetch >= 0, "prefetch", "must be >= 0"),
+            (self.max_staleness >= 0, "max_staleness", "must be >= 0"),
+            (self.eval_every >= 1 and self.eval_size >= 1, "eval_every", "eval_every and eval_size must be >= 1"),
+            ((Path(self.student) / "config.json").is_file(), "student", "no config.json there (an HF-format model dir)"),
+            (0 <= self.metrics_port <= 65535, "metrics_port", "must be a port, or 0 for none"),
+        ]
+        for ok, name, reason in checks:
+            if not ok:
+                raise ConfigError(f"--{name.replace('_', '-')}={getattr(self, name)!r}: {reason}")
+
+    def to_dict(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
