@@ -46,6 +46,8 @@ def teacher_panels() -> list[dict]:
     return [
         panel("Scored tokens/s per experiment", [q(f"sum by (experiment) (rate(opd_scored_tokens_total{{{EXP}}}[{RI}]))", "{{experiment}}")],
               "short", desc="Teacher throughput: positions >= score_from scored per second.", stack=True),
+        panel("Generated tokens/s per experiment", [q(f"sum by (experiment) (rate(opd_generated_tokens_total{{{EXP}}}[{RI}]))", "{{experiment}}")],
+              "short", desc="Teacher sampling (POST /v1/generate, gRPC Generate): SFT baselines and off-policy data.", stack=True),
         panel("Requests/s by route and code", [q(f"sum by (route, code) (rate(opd_requests_total[{RI}]))", "{{route}} {{code}}")],
               "reqps", desc="HTTP codes (200, 422, 429, 503...) and gRPC status names (OK, INVALID_ARGUMENT...)."),
         panel("Score latency p50 / p99", quantiles("opd_request_latency_seconds", SCORE_ROUTES, "route"), "s",

@@ -55,6 +55,9 @@ def _score_once(teacher) -> None:
     assert r.status_code == 200, r.text
     with TeacherClient(teacher.grpc_url) as client:
         client.score([[1, 5, 7, 9]], top_k=0)
+    r = httpx.post(f"{teacher.http_url}/v1/generate", json={"prompts": [{"token_ids": [1, 5]}], "max_tokens": 2},
+                   timeout=60)
+    assert r.status_code == 200, r.text
 
 
 def test_running_teacher_exports_every_used_teacher_metric(teacher):
