@@ -1,7 +1,7 @@
 """Native HTTP surface (FastAPI): parse, call ScoringService, map the result. Nothing else.
 
 Routes: POST /v1/score, GET /v1/model, GET /healthz, GET /readyz, GET /metrics, OpenAPI at
-/docs. Errors are mapped to status codes here and only here (`error_response`).
+/docs; the vLLM dialect's routes are mounted on the same app by vllm_compat.py. Errors are mapped to status codes here and only here (`error_response`).
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from opd_services.teacher.protocol import ModelJSON, ScoreRequestJSON, ScoreResp
 from opd_services.teacher.service import ScoringService
 
 log = logging.getLogger(__name__)
-ROUTES = {"/v1/score", "/v1/model", "/healthz", "/readyz", "/metrics"}
+ROUTES = {"/v1/score", "/v1/model", "/healthz", "/readyz", "/metrics",
+          "/health", "/v1/models", "/v1/completions"}   # the last three: the vLLM dialect (vllm_compat.py)
 
 
 def json_response(body, status: int = 200, headers: dict | None = None) -> Response:
@@ -111,6 +112,8 @@ def create_app(service: ScoringService, max_body_bytes: int) -> FastAPI:
     async def prometheus():
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    from opd_services.teacher import vllm_compat
+    vllm_compat.mount(app, service)
     return Observe(BodyLimit(app, max_body_bytes))
 
 
