@@ -3,10 +3,11 @@ from opd_client.client import AsyncTeacherClient, RetryPolicy, TeacherClient
 from opd_client.errors import (ConfigError, InternalError, InvalidRequest, OPDError, PayloadTooLarge,
                                PermissionDenied, QueueFull, ResourceExhausted, Unauthenticated,
                                Unavailable)
-from opd_client.types import ModelInfo, ScoreResponse, Sequence, SequenceScores, Usage
+from opd_client.types import (ModelInfo, Rollout, ScoredRollout, ScoreResponse, Sequence, SequenceScores,
+                              Usage)
 
 __all__ = [
     "AsyncTeacherClient", "TeacherClient", "RetryPolicy", "Sequence", "SequenceScores", "ScoreResponse",
-    "ModelInfo", "Usage", "OPDError", "InvalidRequest", "PayloadTooLarge", "Unauthenticated",
+    "ModelInfo", "Usage", "Rollout", "ScoredRollout", "OPDError", "InvalidRequest", "PayloadTooLarge", "Unauthenticated",
     "PermissionDenied", "ResourceExhausted", "QueueFull", "Unavailable", "ConfigError", "InternalError",
 ]

@@ -64,3 +64,99 @@ class ScoreResponse:
     usage: Usage
     top_k: int = 0
     extras: dict = field(default_factory=dict)
+
+
+# ---- rollouts: what flows through the queue (encoded by opd_client.codec) ------------------
+# Axes: L = the rollout's tokens; T = L - score_from, the scored (completion) positions.
+
+def _array(name: str, value, dtype, shape: tuple) -> np.ndarray:
+    """`value` as a C-contiguous array of `dtype` and `shape` (-1 = any), or InvalidRequest."""
+    if (type(value) is np.ndarray and value.dtype == dtype and value.ndim == len(shape)
+            and value.flags.c_contiguous and all(w in (-1, g) for w, g in zip(shape, value.shape))):
+        return value                     # the decoder's and the scorer's hot path: already right
+    from opd_client.errors import InvalidRequest
+    try:
+        arr = np.ascontiguousarray(value, dtype=dtype)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise InvalidRequest(name, f"must be an array of {np.dtype(dtype).name}: {e}") from None
+    want = tuple(shape)
+    if arr.ndim != len(want) or any(w not in (-1, g) for w, g in zip(want, arr.shape)):
+        raise InvalidRequest(name, f"must have shape {list(want)}, got {list(arr.shape)}")
+    return arr
+
+
+@dataclass(frozen=True, eq=False)
+class Rollout:
+    """One student rollout to score: the teacher scores positions [score_from, L).
+
+    token_ids: int32[L], prompt and completion. loss_mask: uint8[L - score_from], 1 where the
+    trainer trains on the token (0 for tool / environment tokens: scored for context only);
+    None = all ones. behaviour_logprobs: float32[L - score_from], the student's logprobs
+    when it sampled; None = zeros. top_k: how many teacher alternatives per position the
+    trainer wants (0 = logprobs of the sampled tokens only).
+    Arrays are coerced to their dtype; a wrong shape raises InvalidRequest naming the field.
+    """
+
+    id: str
+    token_ids: np.ndarray
+    score_from: int
+    loss_mask: np.ndarray | None = None
+    behaviour_logprobs: np.ndarray | None = None
+    policy_version: int = 0
+    sampled_at: float = 0.0
+    metadata: dict = field(default_factory=dict)
+    top_k: int = 0
+
+    def __post_init__(self):
+        from opd_client.errors import InvalidRequest
+        if not isinstance(self.id, str):
+            raise InvalidRequest("id", f"must be a string, got {type(self.id).__name__}")
+        tok = _array("token_ids", self.token_ids, np.int32, (-1,))
+        s = self.score_from
+        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s <= len(tok):
+            raise InvalidRequest("score_from", f"must be an integer in [0, {len(tok)}] for {len(tok)} tokens, got {s!r}")
+        t = len(tok) - int(s)
+        mask = np.ones(t, np.uint8) if self.loss_mask is None else _array("loss_mask", self.loss_mask, np.uint8, (t,))
+        blp = (np.zeros(t, np.float32) if self.behaviour_logprobs is None
+               else _array("behaviour_logprobs", self.behaviour_logprobs, np.float32, (t,)))
+        if not isinstance(self.metadata, dict):
+            raise InvalidRequest("metadata", f"must be a dict, got {type(self.metadata).__name__}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
+            raise InvalidRequest("top_k", f"must be an integer >= 0, got {self.top_k!r}")
+        for k, v in (("token_ids", tok), ("score_from", int(s)), ("loss_mask", mask),
+                     ("behaviour_logprobs", blp), ("policy_version", int(self.policy_version)),
+                     ("sampled_at", float(self.sampled_at)), ("top_k", int(self.top_k))):
+            object.__setattr__(self, k, v)
+
+    @property
+    def n_scored(self) -> int:
+        return len(self.token_ids) - self.score_from
+
+
+@dataclass(frozen=True, eq=False)
+class ScoredRollout:
+    """A rollout with the teacher's scores; index t is position rollout.score_from + t.
+
+    teacher_logprobs: float32[T]; top_ids: int32[T, K] and top_logprobs: float32[T, K]
+    (descending) when the rollout asked for top_k > 0, else None. model_revision: the
+    teacher's weights + tokenizer hash, so a trainer can refuse a silent teacher swap.
+    """
+
+    rollout: Rollout
+    teacher_logprobs: np.ndarray
+    top_ids: np.ndarray | None = None
+    top_logprobs: np.ndarray | None = None
+    model_revision: str = ""
+    scored_at: float = 0.0
+
+    def __post_init__(self):
+        t = self.rollout.n_scored
+        object.__setattr__(self, "teacher_logprobs", _array("teacher_logprobs", self.teacher_logprobs, np.float32, (t,)))
+        if (self.top_ids is None) != (self.top_logprobs is None):
+            from opd_client.errors import InvalidRequest
+            raise InvalidRequest("top_ids", "top_ids and top_logprobs come together or not at all")
+        if self.top_ids is not None:
+            ids = _array("top_ids", self.top_ids, np.int32, (t, -1))
+            object.__setattr__(self, "top_ids", ids)
+            object.__setattr__(self, "top_logprobs", _array("top_logprobs", self.top_logprobs, np.float32, ids.shape))
+        object.__setattr__(self, "scored_at", float(self.scored_at))

@@ -1,4 +1,4 @@
-"""The `opd` command: serve, demo (and, as they land: scorer, train, experiments)."""
+"""The `opd` command: serve, scorer, demo (and, as they land: train, experiments)."""
 from __future__ import annotations
 
 import argparse
@@ -6,12 +6,12 @@ import asyncio
 import logging
 import sys
 
-from opd_services.errors import ConfigError
+from opd_services.errors import ConfigError, OPDError
 
 
 def _settings(args: argparse.Namespace):
     from opd_services.config import Settings
-    keys = ("model", "engine", "host", "http_port", "grpc_port", "device", "dtype", "max_top_k")
+    keys = ("model", "engine", "host", "http_port", "grpc_port", "device", "dtype", "max_top_k", "redis_url", "auth")
     return Settings.load(**{k: getattr(args, k, None) for k in keys})
 
 
@@ -21,6 +21,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(TeacherServer(settings).serve_forever())
     return 0
+
+
+def cmd_scorer(args: argparse.Namespace) -> int:
+    from opd_services.config import Settings
+    from opd_services.scorer.runner import serve_scorer
+    keys = ("teacher_url", "redis_url", "scorer_batch_size", "scorer_concurrency", "scorer_metrics_port")
+    settings = Settings.load(**{k: getattr(args, k, None) for k in keys})
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return serve_scorer(settings)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -41,12 +50,27 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--device", help="OPD_DEVICE: auto, cpu, cuda")
         sp.add_argument("--dtype", help="OPD_DTYPE: auto, float32, bfloat16, float16")
         sp.add_argument("--max-top-k", type=int, help="OPD_MAX_TOP_K")
+        sp.add_argument("--redis-url", help="OPD_REDIS_URL: experiments registry (unset = no tenancy)")
+        sp.add_argument("--auth", choices=["on", "off", "auto"], help="OPD_AUTH")
+    scorer = sub.add_parser("scorer", help="score queued rollouts of every experiment through the teacher")
+    scorer.add_argument("--teacher-url", help="OPD_TEACHER_URL, e.g. grpc://127.0.0.1:50051")
+    scorer.add_argument("--redis-url", help="OPD_REDIS_URL (unset = start an embedded Valkey)")
+    scorer.add_argument("--batch-size", dest="scorer_batch_size", type=int, help="OPD_SCORER_BATCH_SIZE")
+    scorer.add_argument("--concurrency", dest="scorer_concurrency", type=int, help="OPD_SCORER_CONCURRENCY")
+    scorer.add_argument("--metrics-port", dest="scorer_metrics_port", type=int, help="OPD_SCORER_METRICS_PORT")
+    from opd_services.tenancy.cli import add_parser as add_experiments
+    add_experiments(sub)
     args = p.parse_args(argv)
     try:
-        return {"serve": cmd_serve, "demo": cmd_demo}[args.cmd](args)
+        if hasattr(args, "func"):
+            return args.func(args)
+        return {"serve": cmd_serve, "scorer": cmd_scorer, "demo": cmd_demo}[args.cmd](args)
     except ConfigError as e:
         print(f"opd: configuration error: {e}", file=sys.stderr)
         return 2
+    except OPDError as e:
+        print(f"opd: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -51,6 +51,18 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(25.0, ge=0, description="On SIGTERM, how long in-flight requests may finish; keep below the k8s grace period.")
     log_level: str = Field("info", description="Python log level.")
 
+    # --- queue and scorer (opd scorer) ---
+    queue_max_backlog: int | None = Field(None, ge=1, description="Default per-experiment rollout backlog limit (undelivered + pending) for producers that opd starts; over it a push waits, then gets QueueFull. Unset = no limit.")
+    queue_reclaim_idle_s: float = Field(30.0, gt=0, description="A rollout or scored entry pending this long with its consumer silent is reclaimed (XAUTOCLAIM) by another scorer or trainer; keep above the slowest teacher call.")
+    scorer_batch_size: int = Field(128, ge=1, le=4096, description="Rollouts a scorer loop reads and sends to the teacher per request (keep under the teacher's max_request_sequences).")
+    scorer_concurrency: int = Field(2, ge=1, le=64, description="Scorer loops per process (threads, one consumer each): one's Redis I/O overlaps another's teacher call.")
+    scorer_block_ms: int = Field(200, ge=1, le=10_000, description="How long an idle scorer loop blocks on XREADGROUP before looking again.")
+    scorer_backoff_max_s: float = Field(5.0, gt=0, description="Longest wait between retries while the teacher is unavailable (exponential backoff with jitter up to this).")
+    scorer_teacher_timeout_s: float = Field(120.0, gt=0, description="Deadline of one teacher request made by a scorer.")
+    scorer_discovery_s: float = Field(2.0, gt=0, description="How often a scorer looks for new experiments (SCAN for opd:{*}:rollouts).")
+    scorer_gauges_s: float = Field(2.0, gt=0, description="How often the scorer refreshes the opd_queue_backlog / opd_queue_pending gauges.")
+    scorer_metrics_port: int = Field(9100, ge=0, le=65535, description="Port of the scorer's own /metrics (Prometheus); 0 = none.")
+
     # --- tenancy ---
     auth: Literal["on", "off", "auto"] = Field("auto", description="on | off; auto = on once experiments exist.")
     admin_key: str | None = Field(None, description="Key that manages experiments.")
@@ -71,5 +83,5 @@ class Settings(BaseSettings):
             err = e.errors()[0]
             name = str(err["loc"][0]) if err["loc"] else "?"
             env = f"OPD_{name.upper()}"
-            value = overrides.get(name, os.environ.get(env))
+            value = overrides[name] if overrides.get(name) is not None else os.environ.get(env)
             raise ConfigError(f"{env}={value!r}: {err['msg']}") from None

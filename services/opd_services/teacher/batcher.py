@@ -4,9 +4,14 @@ Requests arrive on the asyncio loop (HTTP and gRPC handlers); one engine thread 
 batches and runs the engine; results go back to the loop with call_soon_threadsafe.
 Network I/O never runs on the engine thread and the engine never runs on the loop.
 
-Batch selection: the oldest waiting sequence anchors the batch (no starvation); the rest
-is filled with the sequences closest to it in length while the padded token count
-(sequences x longest) stays within the budget, which keeps padding low.
+Batch selection is weighted fair queuing on tokens (start-time fair queuing): each sequence
+gets a virtual finish tag, start + tokens / weight of its experiment, where start is the later
+of the virtual clock and the experiment's previous tag. The sequence with the smallest tag
+anchors the batch; the rest is filled, among sequences whose tags lie within a few batches'
+worth of virtual time of the anchor, with those closest to it in length while the padded token
+count (sequences x longest) stays within the budget. So every experiment's share of teacher
+tokens converges to its weight, a light experiment never waits behind a heavy one's backlog,
+and padding stays low. With one experiment this is FIFO with length grouping.
 This module does not validate, authenticate or encode anything.
 """
 from __future__ import annotations
@@ -16,6 +21,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from opd_services import metrics
 from opd_services.errors import Unavailable
@@ -30,32 +36,47 @@ class _Pending:
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     experiment: str
+    start: float                 # virtual start tag
+    finish: float                # virtual finish tag: start + tokens / weight
+    weight: float
     enqueued_at: float = field(default_factory=time.monotonic)
+
+
+WINDOW_BATCHES = 4   # how far past the anchor's tag (in batches of virtual time) fill may reach
 
 
 class Batcher:
     def __init__(self, engine: Engine, *, max_batch_tokens: int = 16_384, batch_wait_ms: float = 2.0,
-                 batching: bool = True):
+                 batching: bool = True, on_engine_time: Callable[[str, float], None] | None = None):
         self.engine = engine
         self.max_batch_tokens = max_batch_tokens
         self.batch_wait_s = batch_wait_ms / 1000
         self.batching = batching
+        self.on_engine_time = on_engine_time     # (experiment, seconds): called on the engine thread
         self._pending: list[_Pending] = []
         self._cond = threading.Condition()
         self._stopping = False
         self._busy = 0
+        self._vtime = 0.0
+        self._last_finish: dict[str, float] = {}
         self._thread = threading.Thread(target=self._run, name="opd-engine", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
-    async def submit(self, items: list[ScoreItem], experiment: str = "default") -> list[ItemScores]:
+    async def submit(self, items: list[ScoreItem], experiment: str = "default",
+                     weight: float = 1.0) -> list[ItemScores]:
         loop = asyncio.get_running_loop()
-        entries = [_Pending(it, loop.create_future(), loop, experiment) for it in items]
         tokens = sum(it.n_tokens for it in items)
         with self._cond:
             if self._stopping:
                 raise Unavailable("the teacher is shutting down; retry on another replica")
+            entries = []
+            for it in items:
+                start = max(self._vtime, self._last_finish.get(experiment, 0.0))
+                finish = start + it.n_tokens / weight
+                self._last_finish[experiment] = finish
+                entries.append(_Pending(it, loop.create_future(), loop, experiment, start, finish, weight))
             self._pending.extend(entries)
             metrics.QUEUED_SEQUENCES.set(len(self._pending))
             self._cond.notify()
@@ -126,20 +147,26 @@ class Batcher:
         return sum(p.item.n_tokens for p in self._pending)
 
     def _select(self) -> list[_Pending]:
-        anchor = self._pending[0]
-        chosen = [0]
+        pending = self._pending
+        a = min(range(len(pending)), key=lambda i: pending[i].finish)
+        anchor, chosen = pending[a], [a]
         if self.batching:
-            longest = anchor.item.n_tokens
-            by_len = sorted(range(1, len(self._pending)),
-                            key=lambda i: abs(self._pending[i].item.n_tokens - anchor.item.n_tokens))
-            for i in by_len:
-                n = self._pending[i].item.n_tokens
+            weights = {p.experiment: p.weight for p in pending}
+            horizon = anchor.finish + WINDOW_BATCHES * self.max_batch_tokens / sum(weights.values())
+            longest, n0 = anchor.item.n_tokens, anchor.item.n_tokens
+            near = sorted((i for i in range(len(pending)) if i != a and pending[i].finish <= horizon),
+                          key=lambda i: (abs(pending[i].item.n_tokens - n0), pending[i].finish))
+            for i in near:
+                n = pending[i].item.n_tokens
                 if (len(chosen) + 1) * max(longest, n) <= self.max_batch_tokens:
                     chosen.append(i)
                     longest = max(longest, n)
         picked = set(chosen)
-        batch = [self._pending[i] for i in sorted(chosen)]
-        self._pending = [p for i, p in enumerate(self._pending) if i not in picked]
+        batch = [pending[i] for i in sorted(chosen)]
+        self._pending = [p for i, p in enumerate(pending) if i not in picked]
+        # the virtual clock follows service; forget experiments that fell behind it
+        self._vtime = max(self._vtime, max(p.start for p in batch))
+        self._last_finish = {e: f for e, f in self._last_finish.items() if f > self._vtime}
         return batch
 
     def _account(self, batch: list[_Pending], elapsed: float) -> None:
@@ -151,7 +178,10 @@ class Batcher:
         metrics.BATCH_PADDING.observe(1 - sum(lens) / padded)
         real = sum(lens)
         for p in batch:
-            metrics.TEACHER_SECONDS.labels(p.experiment).inc(elapsed * p.item.n_tokens / real)
+            share = elapsed * p.item.n_tokens / real
+            metrics.TEACHER_SECONDS.labels(p.experiment).inc(share)
+            if self.on_engine_time:
+                self.on_engine_time(p.experiment, share)
 
 
 def _resolve(fut: asyncio.Future, value) -> None:

@@ -51,28 +51,31 @@ class TeacherGrpc:
         self.health = health.aio.HealthServicer()
 
     async def _unary(self, route: str, context: grpc.aio.ServicerContext, call):
-        t0, code = time.perf_counter(), grpc.StatusCode.OK
+        t0, code, who = time.perf_counter(), grpc.StatusCode.OK, "default"
         try:
-            return await call()
+            md = dict(context.invocation_metadata() or ())
+            tenant = await self.service.authenticate(md.get("authorization"))
+            who = tenant.name
+            return await call(tenant)
         except Exception as e:  # mapped to a status here, the one place for this surface
             code, details, md = _status(e)
             context.set_trailing_metadata(md)
             await context.abort(code, details)
         finally:
             metrics.REQUEST_LATENCY.labels(route).observe(time.perf_counter() - t0)
-            metrics.REQUESTS.labels(route, code.name, "default").inc()
+            metrics.REQUESTS.labels(route, code.name, who).inc()
 
     async def score(self, raw: bytes, context) -> pb.ScoreResponse:
-        async def call():
+        async def call(tenant):
             try:
                 msg = pb.ScoreRequest.FromString(raw)
             except DecodeError as e:
                 raise InvalidRequest("body", f"malformed protobuf ScoreRequest: {e}") from None
-            return result_proto(await self.service.score(request_from_proto(msg)))
+            return result_proto(await self.service.score(request_from_proto(msg), tenant))
         return await self._unary(f"/{SERVICE}/Score", context, call)
 
     async def get_model(self, raw: bytes, context) -> pb.ModelInfo:
-        async def call():
+        async def call(tenant):
             return model_proto(self.service.model_info())
         return await self._unary(f"/{SERVICE}/GetModel", context, call)
 

@@ -10,7 +10,7 @@ import time
 import uuid
 
 import orjson
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -20,9 +20,10 @@ from opd_services.errors import (InvalidRequest, OPDError, PayloadTooLarge, Perm
                                  ResourceExhausted, Unauthenticated, Unavailable)
 from opd_services.teacher.protocol import ModelJSON, ScoreRequestJSON, ScoreResponseJSON, result_json
 from opd_services.teacher.service import ScoringService
+from opd_services.tenancy.auth import Tenant
 
 log = logging.getLogger(__name__)
-ROUTES = {"/v1/score", "/v1/model", "/healthz", "/readyz", "/metrics",
+ROUTES = {"/v1/score", "/v1/model", "/healthz", "/readyz", "/metrics", "/v1/admin/experiments",
           "/health", "/v1/models", "/v1/completions"}   # the last three: the vLLM dialect (vllm_compat.py)
 
 
@@ -68,9 +69,14 @@ def _loc_field(loc: tuple) -> str:
     return out or "body"
 
 
-def create_app(service: ScoringService, max_body_bytes: int) -> FastAPI:
+def create_app(service: ScoringService, max_body_bytes: int, registry=None) -> FastAPI:
     app = FastAPI(title="OPD Teacher", version="1",
                   description="Teacher-as-a-service for on-policy distillation: per-token teacher logprobs.")
+
+    async def tenant(request: Request) -> Tenant:
+        t = await service.authenticate(request.headers.get("authorization"))
+        request.state.experiment = t.name
+        return t
 
     @app.exception_handler(OPDError)
     async def _opd_error(request: Request, err: OPDError):
@@ -90,12 +96,12 @@ def create_app(service: ScoringService, max_body_bytes: int) -> FastAPI:
         return error_response(err)
 
     @app.post("/v1/score", response_model=None, responses={200: {"model": ScoreResponseJSON}})
-    async def score(body: ScoreRequestJSON, request: Request):
-        result = await service.score(body.to_request(), experiment=request.state.experiment)
+    async def score(body: ScoreRequestJSON, who: Tenant = Depends(tenant)):
+        result = await service.score(body.to_request(), who)
         return json_response(result_json(result))
 
     @app.get("/v1/model", response_model=ModelJSON)
-    async def model():
+    async def model(who: Tenant = Depends(tenant)):
         return json_response(service.model_info().to_dict())
 
     @app.get("/healthz")
@@ -112,6 +118,9 @@ def create_app(service: ScoringService, max_body_bytes: int) -> FastAPI:
     async def prometheus():
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    if registry is not None:
+        from opd_services.teacher.admin_http import admin_router
+        app.include_router(admin_router(registry, tenant))
     from opd_services.teacher import vllm_compat
     vllm_compat.mount(app, service)
     return Observe(BodyLimit(app, max_body_bytes))
@@ -127,7 +136,9 @@ class Observe:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         scope.setdefault("state", {})["experiment"] = "default"
-        route = scope["path"] if scope["path"] in ROUTES else "other"
+        path = scope["path"]
+        route = path if path in ROUTES else ("/v1/admin/experiments" if path.startswith("/v1/admin/") else
+                                            "/v1/experiments" if path.startswith("/v1/experiments/") else "other")
         status = [500]
         t0 = time.perf_counter()
 

@@ -25,6 +25,8 @@ from opd_services.teacher.engines import engine_factory
 from opd_services.teacher.grpc import create_server
 from opd_services.teacher.http import create_app
 from opd_services.teacher.service import ScoringService
+from opd_services.tenancy.auth import Authenticator, UsageRecorder
+from opd_services.tenancy.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +51,33 @@ def _bind(host: str, port: int) -> socket.socket:
 class TeacherServer:
     def __init__(self, settings: Settings, engine: Callable[[], Engine] | None = None):
         self.settings = settings
-        self.service = ScoringService(settings, engine or engine_factory(settings))
+        self._engine = engine or engine_factory(settings)
+        self.service: ScoringService | None = None
+        self._redis = self._usage = self._registry = None
         self.http_port = 0
         self.grpc_port = 0
         self._uvicorn: _Uvicorn | None = None
         self._http_task: asyncio.Task | None = None
         self._stopping: asyncio.Task | None = None
 
+    async def _tenancy(self) -> Authenticator:
+        """With OPD_REDIS_URL: the experiments registry, per-request key lookups, usage."""
+        s = self.settings
+        if s.redis_url is None:
+            return Authenticator("off" if s.auth == "off" else s.auth, s.admin_key, None)
+        from opd_client.queue.connection import aconnect, connect
+        self._redis = await aconnect(s.redis_url)
+        self._registry = Registry(connect(s.redis_url))
+        n = await asyncio.to_thread(self._registry.sync_acl)
+        log.info("experiments registry: %d experiment(s), ACL users in sync", n)
+        self._usage = UsageRecorder(self._redis)
+        self._usage.start()
+        return Authenticator(s.auth, s.admin_key, self._redis)
+
     async def start(self, wait_ready: bool = True) -> None:
         s = self.settings
+        auth = await self._tenancy()
+        self.service = ScoringService(s, self._engine, auth, self._usage)
         # gRPC first, then HTTP: both answer health while the engine loads
         self._grpc, self._grpc_surface = create_server(self.service, s.max_body_bytes)
         host = f"[{s.host}]" if ":" in s.host else s.host
@@ -66,7 +86,7 @@ class TeacherServer:
         await self._grpc.start()
         sock = _bind(s.host, s.http_port)
         self.http_port = sock.getsockname()[1]
-        app = create_app(self.service, s.max_body_bytes)
+        app = create_app(self.service, s.max_body_bytes, self._registry)
         config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
                                 timeout_graceful_shutdown=int(s.drain_timeout_s) or None)
         self._uvicorn = _Uvicorn(config)
@@ -94,8 +114,11 @@ class TeacherServer:
         # 2) stop accepting; in-flight requests finish
         self._uvicorn.should_exit = True
         await asyncio.gather(self._grpc.stop(grace=timeout), self._http_task, return_exceptions=True)
-        # 3) engine down
+        # 3) engine down, usage flushed
         await self.service.shutdown(timeout)
+        if self._usage is not None:
+            await self._usage.stop()
+            await self._redis.aclose()
         log.info("teacher stopped")
 
     async def serve_forever(self) -> None:

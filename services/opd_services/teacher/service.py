@@ -18,9 +18,10 @@ import numpy as np
 from opd_client.types import ModelInfo
 from opd_services import metrics
 from opd_services.config import Settings
-from opd_services.errors import InvalidRequest, Unavailable
+from opd_services.errors import InvalidRequest, ResourceExhausted, Unavailable
 from opd_services.teacher.batcher import Batcher
 from opd_services.teacher.engine import Engine, ItemScores, ScoreItem
+from opd_services.tenancy.auth import DEFAULT, Authenticator, Tenant, UsageRecorder
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +54,13 @@ class ScoreResult:
 
 
 class ScoringService:
-    def __init__(self, settings: Settings, engine_factory: Callable[[], Engine]):
+    def __init__(self, settings: Settings, engine_factory: Callable[[], Engine],
+                 authenticator: Authenticator | None = None, usage: UsageRecorder | None = None):
         self.settings = settings
         self._engine_factory = engine_factory
+        self.authenticator = authenticator or Authenticator("off" if settings.auth == "off" else "auto", None)
+        self.usage = usage
+        self._tenant_tokens: dict[str, int] = {}
         self.engine: Engine | None = None
         self.batcher: Batcher | None = None
         self.draining = False
@@ -69,8 +74,12 @@ class ScoringService:
         """Load the engine off the event loop (health answers meanwhile), then start batching."""
         self.engine = await asyncio.to_thread(self._engine_factory)
         s = self.settings
+        on_time = None
+        if self.usage is not None:
+            loop, usage = asyncio.get_running_loop(), self.usage
+            on_time = lambda exp, sec: loop.call_soon_threadsafe(lambda: usage.add(exp, teacher_ms=sec * 1000))  # noqa: E731
         self.batcher = Batcher(self.engine, max_batch_tokens=s.max_batch_tokens,
-                               batch_wait_ms=s.batch_wait_ms, batching=s.batching)
+                               batch_wait_ms=s.batch_wait_ms, batching=s.batching, on_engine_time=on_time)
         self.batcher.start()
         metrics.ENGINE_INFO.info({k: str(v) for k, v in self.engine.info.to_dict().items()})
         metrics.READY.set(1)
@@ -100,24 +109,57 @@ class ScoringService:
 
     # ---- scoring ------------------------------------------------------------------------
 
-    async def score(self, req: ScoreRequest, experiment: str = "default") -> ScoreResult:
+    async def authenticate(self, authorization: str | None) -> Tenant:
+        try:
+            return await self.authenticator.authenticate(authorization)
+        except Exception:
+            metrics.REJECTIONS.labels("unknown", "auth").inc()
+            raise
+
+    async def score(self, req: ScoreRequest, tenant: Tenant = DEFAULT) -> ScoreResult:
         if not self.ready:
             raise Unavailable("the teacher is draining" if self.draining else
                               "the teacher engine is still loading; retry when GET /readyz answers 200")
-        items = self.validate(req)
+        try:
+            items = self.validate(req)
+        except InvalidRequest:
+            self._rejected(tenant, "invalid")
+            raise
+        tokens = sum(it.n_tokens for it in items)
+        self._admit(tenant, tokens)
         self._inflight += 1
         self._idle.clear()
         try:
-            scores = await self.batcher.submit(items, experiment)
+            scores = await self.batcher.submit(items, tenant.name, tenant.weight)
         finally:
             self._inflight -= 1
+            self._tenant_tokens[tenant.name] -= tokens
             if self._inflight == 0:
                 self._idle.set()
         scored = sum(it.n_scored for it in items)
-        metrics.SCORED_TOKENS.labels(experiment).inc(scored)
+        metrics.SCORED_TOKENS.labels(tenant.name).inc(scored)
+        if self.usage is not None:
+            self.usage.add(tenant.name, requests=1, scored_tokens=scored)
         return ScoreResult(model=self.engine.info, ids=[s.id for s in req.sequences], scores=scores,
-                           top_k=req.top_k, scored_tokens=scored,
-                           total_tokens=sum(it.n_tokens for it in items))
+                           top_k=req.top_k, scored_tokens=scored, total_tokens=tokens)
+
+    def _admit(self, tenant: Tenant, tokens: int) -> None:
+        """The experiment's in-flight token quota: over it -> 429, never a queue that grows."""
+        held = self._tenant_tokens.get(tenant.name, 0)
+        quota = tenant.max_inflight_tokens
+        if quota is not None and held + tokens > quota:
+            self._rejected(tenant, "quota")
+            if tokens > quota:
+                raise InvalidRequest("sequences", f"{tokens} tokens in one request exceeds experiment "
+                                                  f"{tenant.name!r}'s in-flight quota of {quota}; split it")
+            raise ResourceExhausted(f"experiment {tenant.name!r} has {held} tokens in flight; its quota is "
+                                    f"{quota}: retry after the Retry-After delay", retry_after=1.0)
+        self._tenant_tokens[tenant.name] = held + tokens
+
+    def _rejected(self, tenant: Tenant, reason: str) -> None:
+        metrics.REJECTIONS.labels(tenant.name, reason).inc()
+        if self.usage is not None:
+            self.usage.add(tenant.name, rejections=1)
 
     def validate(self, req: ScoreRequest) -> list[ScoreItem]:
         """Check every field against the contract; raise InvalidRequest naming the first bad one."""

@@ -10,8 +10,9 @@ with the native surface's status codes; the native routes are untouched.
 
 What it does not do: sample (a request that needs sampled tokens gets a 422 saying so until the
 teacher sampling engine lands), tokenize (prompts are token ids; decoded_token is null, as vLLM
-with --skip-tokenizer-init), stream, or authenticate (an Authorization header passes through,
-as on the native surface until tenancy lands).
+with --skip-tokenizer-init), or stream. Authentication is the native surface's: `Authorization:
+Bearer <experiment key>` (what an OpenAI-style client sends as its api_key) on /v1/models and
+/v1/completions; /health stays open, as /healthz is.
 """
 from __future__ import annotations
 
@@ -111,7 +112,7 @@ def _field(name: str) -> str:
     return {"top_k": "prompt_logprobs", "sequences": "prompt"}.get(name, name)
 
 
-async def _complete(service: ScoringService, req: CompletionRequest, experiment: str) -> dict:
+async def _complete(service: ScoringService, req: CompletionRequest, tenant) -> dict:
     info = service.model_info()
     prompts = _check(req, info.name)
     scored = [i for i, p in enumerate(prompts) if len(p) >= 2]   # one token: nothing to score ([null])
@@ -123,7 +124,7 @@ async def _complete(service: ScoringService, req: CompletionRequest, experiment:
         sreq = ScoreRequest(sequences=[SequenceIn(token_ids=prompts[i]) for i in scored], top_k=k,
                             temperature=t, rank=True)
         try:
-            res = await service.score(sreq, experiment=experiment)
+            res = await service.score(sreq, tenant)
         except InvalidRequest as e:
             raise InvalidRequest(_field(e.field), e.reason) from None
         results = dict(zip(scored, res.scores))
@@ -162,9 +163,15 @@ def mount(app: FastAPI, service: ScoringService) -> None:
     async def health():
         return Response(status_code=200 if service.ready else 503)
 
+    async def tenant(request: Request):
+        t = await service.authenticate(request.headers.get("authorization"))
+        request.state.experiment = t.name
+        return t
+
     @app.get("/v1/models", tags=["vLLM dialect"])
-    async def models():
+    async def models(request: Request):
         try:
+            await tenant(request)
             info = service.model_info()
         except OPDError as e:
             return vllm_error(e)
@@ -176,7 +183,8 @@ def mount(app: FastAPI, service: ScoringService) -> None:
     async def completions(request: Request):
         """vLLM's /v1/completions with prompt_logprobs (scoring only): see README, "Use it from TRL"."""
         try:
+            who = await tenant(request)
             req = _parse(await request.body())
-            return json_response(await _complete(service, req, request.state.experiment))
+            return json_response(await _complete(service, req, who))
         except Exception as e:  # this surface's one mapping, in vLLM's error shape
             return vllm_error(e)

@@ -1,0 +1,1 @@
+"""The queue's scorer worker (`opd scorer`): rollouts -> teacher -> scored entries."""

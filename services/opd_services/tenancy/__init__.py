@@ -1,0 +1,1 @@
+"""Many experiments, one teacher: the registry, API keys, Redis ACL users, authentication."""

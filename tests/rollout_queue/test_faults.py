@@ -1,0 +1,136 @@
+"""Faults the queue must survive, each bounded in time: scorer processes killed with
+SIGKILL mid-flow, and the Redis server itself killed and restarted (AOF on)."""
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from opd_client.errors import Unavailable
+from opd_client.queue import RolloutProducer, keys, rollouts_key
+from opd_client.queue.connection import connect
+from opd_services.redis_embed import EmbeddedRedis, free_port
+from queue_helpers import dead_entries, drain_scored, make_rollouts, running_scorer
+
+
+def _scorer_process(redis_url: str, teacher_url: str, metrics_port: int) -> subprocess.Popen:
+    env = {**os.environ, "OPD_REDIS_URL": redis_url, "OPD_TEACHER_URL": teacher_url,
+           "OPD_QUEUE_RECLAIM_IDLE_S": "1", "OPD_SCORER_BATCH_SIZE": "50", "OPD_SCORER_CONCURRENCY": "2",
+           "OPD_SCORER_METRICS_PORT": str(metrics_port), "OPD_SCORER_DISCOVERY_S": "0.2",
+           "OPD_SCORER_BLOCK_MS": "50", "OPD_LOG_LEVEL": "warning"}
+    return subprocess.Popen([sys.executable, "-m", "opd_services.cli", "scorer"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _scrape(port: int, timeout_s: float = 10) -> str:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def _reclaimed(text: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("opd_queue_reclaimed_total{"))
+
+
+@pytest.mark.slow
+def test_kill_9_a_scorer_5_times_while_5000_rollouts_flow_every_one_scored_exactly_once(
+        redis_url, exp, uniform_teacher):
+    total, chunk = 5000, 100
+    start = lambda: (lambda port: (_scorer_process(redis_url, uniform_teacher.grpc_url, port), port))(free_port())
+    procs = [start(), start()]
+    pushed: list[str] = []
+
+    def produce():
+        with RolloutProducer(redis_url, exp) as q:
+            for i in range(0, total, chunk):
+                q.push(make_rollouts(chunk, length=24, score_from=4, prefix=f"k{i}-", seed=i))
+                pushed.extend(f"k{i}-{j}" for j in range(chunk))
+                time.sleep(0.05)
+
+    producer = threading.Thread(target=produce)
+    reclaimed = 0.0
+    try:
+        producer.start()
+        assert "opd_queue_scored_total" in _scrape(procs[0][1])   # the scorer's own /metrics port
+        for _kill in range(5):
+            time.sleep(0.5)
+            victim, _port = procs.pop(0)
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(5)
+            procs.append(start())
+        producer.join(60)
+        got = drain_scored(redis_url, exp, total, timeout_s=90)
+        reclaimed = sum(_reclaimed(_scrape(port)) for _p, port in procs)
+    finally:
+        for p, _port in procs:
+            p.send_signal(signal.SIGTERM)
+        for p, _port in procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    counts = collections.Counter(s.rollout.id for s in got)
+    assert len(pushed) == total
+    assert set(counts) == set(pushed), f"missing {len(set(pushed) - set(counts))}"
+    assert [i for i, n in counts.items() if n > 1] == []
+    assert dead_entries(connect(redis_url), exp) == []
+    print(f"reclaimed by survivors: {reclaimed:.0f}")
+
+
+@pytest.mark.slow
+def test_redis_killed_and_restarted_with_aof_nothing_acknowledged_is_lost(exp, uniform_teacher, tmp_path):
+    server = EmbeddedRedis(data_dir=tmp_path / "valkey", appendonly=True).start()
+    returned: list[str] = []
+    ambiguous: list[str] = []
+    stop = threading.Event()
+
+    def produce():
+        with RolloutProducer(server.url, exp) as q:
+            i = 0
+            while not stop.is_set() and i < 4000:
+                batch = make_rollouts(50, length=24, score_from=4, prefix=f"p{i}-", seed=i)
+                try:
+                    q.push(batch)
+                    returned.extend(r.id for r in batch)
+                except Unavailable:       # Redis is down: some may have landed; retry the next batch
+                    ambiguous.extend(r.id for r in batch)
+                    time.sleep(0.1)
+                i += 50
+                time.sleep(0.02)
+
+    try:
+        with running_scorer(server.url, uniform_teacher.grpc_url):
+            producer = threading.Thread(target=produce)
+            producer.start()
+            time.sleep(1.0)
+            server.kill()
+            time.sleep(0.5)
+            server.start()
+            time.sleep(1.0)
+            stop.set()
+            producer.join(30)
+            assert len(returned) > 0 and not producer.is_alive()
+            got = drain_scored(server.url, exp, len(returned), timeout_s=60)
+            got += drain_scored(server.url, exp, 10 ** 9, timeout_s=1.0)    # and nothing more
+        print(f"returned {len(returned)}, ambiguous {len(ambiguous)}, scored {len(got)}")
+        counts = collections.Counter(s.rollout.id for s in got)
+        assert set(returned) <= set(counts), f"lost {len(set(returned) - set(counts))} acknowledged rollouts"
+        assert [i for i, n in counts.items() if n > 1 and i not in ambiguous] == []
+        r = connect(server.url)
+        assert r.xpending(rollouts_key(exp), keys.GROUP_SCORERS)["pending"] == 0
+        assert dead_entries(r, exp) == []
+    finally:
+        server.stop()

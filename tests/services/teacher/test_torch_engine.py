@@ -1,0 +1,106 @@
+"""Torch engine vs a float64 log-softmax reference over the full vocabulary."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from opd_services.teacher.engine import ScoreItem
+from opd_services.teacher.torch_engine import TorchEngine
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    return TorchEngine(tiny_model, device="cpu", dtype="float32", max_top_k=20)
+
+
+def reference(engine: TorchEngine, ids: np.ndarray, s: int, temperature: float) -> np.ndarray:
+    """log p(token | prefix) for every vocab entry at positions [s, L), float64: [T, V]."""
+    with torch.inference_mode():
+        logits = engine.model(input_ids=torch.from_numpy(ids)[None]).logits[0].double()
+    return torch.log_softmax(logits[s - 1:-1] / temperature, dim=-1).numpy()
+
+
+def random_items(rng, n, vocab, *, top_k=0, temperature=1.0, entropy=False, cands=0):
+    items = []
+    for _ in range(n):
+        length = int(rng.integers(2, 60))
+        ids = rng.integers(0, vocab, size=length).astype(np.int64)
+        s = int(rng.integers(1, length))
+        c = rng.integers(0, vocab, size=(length - s, cands)).astype(np.int64) if cands else None
+        items.append(ScoreItem(ids, s, top_k, temperature, entropy, c))
+    return items
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 2.5])
+def test_matches_float64_reference_with_padding(engine, temperature):
+    rng = np.random.default_rng(0)
+    items = random_items(rng, 12, engine.vocab_size, top_k=5, temperature=temperature, entropy=True, cands=3)
+    results = engine.score(items)      # one padded batch of mixed lengths
+    for it, r in zip(items, results):
+        ref_T_V = reference(engine, it.token_ids, it.score_from, temperature)
+        t = np.arange(it.n_scored)
+        np.testing.assert_allclose(r.logprobs_T, ref_T_V[t, it.token_ids[it.score_from:]], atol=TOL, rtol=0)
+        order = np.argsort(-ref_T_V, axis=1)[:, :5]
+        np.testing.assert_allclose(r.top_logprobs_T_K, np.take_along_axis(ref_T_V, order, 1), atol=TOL, rtol=0)
+        # ids may differ only where logprobs tie within tolerance
+        got = np.take_along_axis(ref_T_V, r.top_ids_T_K, 1)
+        np.testing.assert_allclose(got, r.top_logprobs_T_K, atol=TOL, rtol=0)
+        assert (np.diff(r.top_logprobs_T_K, axis=1) <= 0).all(), "top-k must be descending"
+        np.testing.assert_allclose(r.candidate_logprobs_T_C, np.take_along_axis(ref_T_V, it.candidate_ids_T_C, 1),
+                                   atol=TOL, rtol=0)
+        ent_ref = -(np.exp(ref_T_V) * ref_T_V).sum(1)
+        np.testing.assert_allclose(r.entropy_T, ent_ref, atol=TOL, rtol=0)
+
+
+def test_padding_does_not_change_results(engine):
+    rng = np.random.default_rng(1)
+    items = random_items(rng, 10, engine.vocab_size, top_k=3, cands=2, entropy=True)
+    batched = engine.score(items)
+    for it, b in zip(items, batched):
+        (single,) = engine.score([it])
+        np.testing.assert_allclose(b.logprobs_T, single.logprobs_T, atol=TOL, rtol=0)
+        np.testing.assert_allclose(b.top_logprobs_T_K, single.top_logprobs_T_K, atol=TOL, rtol=0)
+        np.testing.assert_allclose(b.candidate_logprobs_T_C, single.candidate_logprobs_T_C, atol=TOL, rtol=0)
+        np.testing.assert_allclose(b.entropy_T, single.entropy_T, atol=TOL, rtol=0)
+
+
+def test_mixed_options_in_one_batch(engine):
+    """Items with different top_k / temperature / candidates / entropy share one batch."""
+    rng = np.random.default_rng(2)
+    items = (random_items(rng, 3, engine.vocab_size, top_k=0, temperature=1.0)
+             + random_items(rng, 3, engine.vocab_size, top_k=7, temperature=0.5, cands=4)
+             + random_items(rng, 3, engine.vocab_size, top_k=2, temperature=3.0, entropy=True))
+    results = engine.score(items)
+    for it, r in zip(items, results):
+        ref_T_V = reference(engine, it.token_ids, it.score_from, it.temperature)
+        np.testing.assert_allclose(r.logprobs_T, ref_T_V[np.arange(it.n_scored), it.token_ids[it.score_from:]],
+                                   atol=TOL, rtol=0)
+        assert (r.top_ids_T_K is None) == (it.top_k == 0)
+        if it.top_k:
+            assert r.top_ids_T_K.shape == (it.n_scored, it.top_k)
+        assert (r.candidate_logprobs_T_C is None) == (it.candidate_ids_T_C is None)
+        assert (r.entropy_T is None) == (not it.entropy)
+
+
+def test_lm_head_chunks_cover_every_row(engine, monkeypatch):
+    """With a chunk smaller than the batch's rows the results are the same."""
+    rng = np.random.default_rng(3)
+    items = random_items(rng, 6, engine.vocab_size, top_k=4)
+    full = engine.score(items)
+    monkeypatch.setattr(engine, "chunk_rows", 7)
+    chunked = engine.score(items)
+    for a, b in zip(full, chunked):
+        np.testing.assert_allclose(a.logprobs_T, b.logprobs_T, atol=1e-6, rtol=0)
+        np.testing.assert_array_equal(a.top_ids_T_K, b.top_ids_T_K)
+
+
+def test_model_identity(engine, tiny_model):
+    info = engine.info
+    assert info.engine == "torch" and info.engine_version == torch.__version__
+    assert info.dtype == "float32" and info.vocab_size == 128 and info.max_model_len == 256
+    assert info.revision.startswith("sha256:") and len(info.revision) == 7 + 64
+    # the revision is a function of the files: same dir, same hash
+    assert TorchEngine(tiny_model, device="cpu").info.revision == info.revision
