@@ -82,8 +82,9 @@ def native_client(url: str, k: int):
     return call, close
 
 
-async def drive(call, close, reqs, rounds: int) -> float:
+async def drive(factory, reqs, rounds: int) -> float:
     """16 streams, each sending its request `rounds` times in a row; tokens scored per second."""
+    call, close = factory()          # inside the loop: gRPC aio channels need one
     try:
         await asyncio.gather(*(call([r[0][:16]]) for r in reqs[:4]))          # connect, warm up
         t0 = time.perf_counter()
@@ -145,11 +146,11 @@ class OpdServe:
 
 def run_served(url_http: str, url_grpc: str | None, model: str, reqs, rounds: int, tag: str, fig: dict) -> None:
     for k in KS:
-        routes = {"completions": completions_client(url_http, model, k)}
+        routes = {"completions": lambda: completions_client(url_http, model, k)}
         if url_grpc:
-            routes = {"grpc": native_client(url_grpc, k), "http": native_client(url_http, k), **routes}
-        for route, (call, close) in routes.items():
-            fig[f"{tag}/{route}/k{k}"] = rate = asyncio.run(drive(call, close, reqs, rounds))
+            routes = {"grpc": lambda: native_client(url_grpc, k), "http": lambda: native_client(url_http, k), **routes}
+        for route, factory in routes.items():
+            fig[f"{tag}/{route}/k{k}"] = rate = asyncio.run(drive(factory, reqs, rounds))
             print(f"  {tag:<14} {route:<12} k={k}: {rate:8,.0f} tok/s", flush=True)
         fig[f"{tag}/bytes/k{k}"] = wire_bytes(url_http, url_grpc, model, k, reqs[0])
 
@@ -234,6 +235,7 @@ def report(fig: dict) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=1, help="requests per stream per measurement")
+    ap.add_argument("--skip-peer", action="store_true", help="do not start vllm serve (P1, P3 need it)")
     args = ap.parse_args()
     LOGS.mkdir(parents=True, exist_ok=True)
     model = str(cached_random_llama(CACHE, BENCH_MODEL, prefix="bench"))
@@ -243,15 +245,16 @@ def main() -> None:
           flush=True)
     fig: dict = {}
     from opd_services.teacher.vllm_peer import VllmServe
-    with VllmServe(model, free_port(), served_name=name, log_path=LOGS / "vllm-serve.log") as srv:
-        run_served(srv.url, None, name, reqs, args.rounds, "vllm-serve", fig)
+    if not args.skip_peer:
+        with VllmServe(model, free_port(), served_name=name, log_path=LOGS / "vllm-serve.log") as srv:
+            run_served(srv.url, None, name, reqs, args.rounds, "vllm-serve", fig)
     for eng in ("vllm", "torch"):
         with OpdServe(model, eng) as s:
             run_served(f"http://127.0.0.1:{s.http}", f"grpc://127.0.0.1:{s.grpc}", name, reqs, args.rounds,
                        f"opd-{eng}", fig)
     run_inprocess_vllm(model, reqs, args.rounds, fig)
     run_inprocess_torch(model, reqs, args.rounds, fig)
-    print("\n".join(report(fig)))
+    print("\n".join(report(fig)) if not args.skip_peer else "(--skip-peer: no P1/P3)")
     print("json:", json.dumps(fig, default=lambda o: o))
 
 

@@ -44,5 +44,6 @@ def _vllm(settings: Settings, path: Path) -> Callable[[], Engine]:
     def build() -> Engine:
         from opd_services.teacher.vllm_engine import VllmEngine
         return VllmEngine(path, dtype=settings.dtype, max_top_k=settings.max_top_k,
-                          full_vocab_limit=settings.vllm_full_vocab_limit, engine_args=settings.vllm_args)
+                          full_vocab_limit=settings.vllm_full_vocab_limit, max_candidates=settings.max_candidates,
+                          engine_args=settings.vllm_args)
     return build

@@ -4,9 +4,9 @@ How it scores a batch: every item becomes one vLLM request (TokensPrompt, max_to
 prompt_logprobs, detokenize=False, flat logprobs), all submitted at once on the engine's own
 event loop thread, so vLLM's scheduler batches them; `score` blocks until all are back.
 Three paths, picked per item:
-  - span:  k = 0, no candidates/entropy/rank, T = 1, and the V2 model runner is active: vLLM's
+  - span:  k = 0, T = 1, no entropy/rank, and the V2 model runner is active: vLLM's
            `prompt_logprob_token_ids` + `prompt_logprob_start` score only positions [s, L) and
-           only the actual token (no top-k, nothing outside the span);
+           only the actual token plus any candidate_ids (no top-k, nothing outside the span);
   - top-k: T = 1, no candidates/entropy: `prompt_logprobs=k`; vLLM returns per position the
            actual token (with its rank) then the top-k;
   - full:  temperature != 1, candidate_ids or entropy: vLLM applies neither temperature nor
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from opd_client.types import ModelInfo
-from opd_services.errors import InvalidRequest
+from opd_services.errors import ConfigError, InvalidRequest
 from opd_services.teacher.engine import ItemScores, ScoreItem, revision_hash
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,8 @@ def needs_full_vocab(item: ScoreItem) -> bool:
 
 class VllmEngine:
     def __init__(self, model_dir: str | Path, *, dtype: str = "auto", max_top_k: int = 20,
-                 full_vocab_limit: int = 8192, name: str | None = None, engine_args: dict | None = None):
+                 full_vocab_limit: int = 8192, max_candidates: int = 256, name: str | None = None,
+                 engine_args: dict | None = None):
         for k, v in CPU_ENV_DEFAULTS.items():
             os.environ.setdefault(k, v)
         import torch
@@ -72,13 +73,22 @@ class VllmEngine:
         self.full_vocab = self.vocab_size <= full_vocab_limit
         args = {"model": str(model_dir), "dtype": dtype, "skip_tokenizer_init": True,
                 "enforce_eager": not torch.cuda.is_available(),
-                # the actual token comes on top of k; the full path needs the whole vocabulary
-                "max_logprobs": -1 if self.full_vocab else max_top_k}
+                # the actual token comes on top of k; the span path asks 1 + C ids per row; the
+                # full path needs the whole vocabulary
+                "max_logprobs": -1 if self.full_vocab else max(max_top_k, 1 + max_candidates)}
         args.update(engine_args or {})
+        try:
+            engine_args_obj = AsyncEngineArgs(**args)
+        except TypeError as e:
+            raise ConfigError(f"OPD_VLLM_ARGS={engine_args!r}: {e}") from None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="opd-vllm-loop", daemon=True)
         self._thread.start()
-        self.llm = self._call(self._build(AsyncEngineArgs(**args)))
+        try:
+            self.llm = self._call(self._build(engine_args_obj))
+        except BaseException:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            raise
         mc = self.llm.model_config
         self.span = bool(getattr(self.llm.vllm_config, "use_v2_model_runner", False))
         self.info = ModelInfo(
@@ -97,7 +107,7 @@ class VllmEngine:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     def check(self, item: ScoreItem, field: str) -> None:
-        if needs_full_vocab(item) and not self.full_vocab:
+        if self._path(item) == "full" and not self.full_vocab:
             raise InvalidRequest(field, (
                 f"temperature != 1, candidate_ids and entropy need the whole distribution per position, which the "
                 f"vLLM engine serves only for vocabularies up to OPD_VLLM_FULL_VOCAB_LIMIT={self.full_vocab_limit}; "
@@ -122,10 +132,10 @@ class VllmEngine:
         return _from_flat(item, out.prompt_logprobs, path == "full")
 
     def _path(self, item: ScoreItem) -> str:
+        if self.span and item.top_k == 0 and item.temperature == 1.0 and not (item.entropy or item.rank):
+            return "span"
         if needs_full_vocab(item):
             return "full"
-        if self.span and item.top_k == 0 and not item.rank:
-            return "span"
         return "topk"
 
     @staticmethod
@@ -134,6 +144,8 @@ class VllmEngine:
         common = dict(max_tokens=1, temperature=0.0, detokenize=False)   # the one sampled token is discarded
         if path == "span":
             rows = item.token_ids[item.score_from:, None]
+            if item.candidate_ids_T_C is not None:
+                rows = np.concatenate([rows, item.candidate_ids_T_C], axis=1)
             return SamplingParams(**common, prompt_logprob_token_ids=rows, prompt_logprob_start=item.score_from - 1)
         k = -1 if path == "full" else item.top_k
         return SamplingParams(**common, prompt_logprobs=k, flat_logprobs=True)
@@ -156,9 +168,10 @@ async def _shutdown(llm) -> None:
 
 def _from_span(item: ScoreItem, scores) -> ItemScores:
     arr = np.asarray(scores.cpu() if hasattr(scores, "cpu") else scores, dtype=np.float32)
-    if arr.shape[0] != item.n_scored or not np.isfinite(arr[:, 0]).all():
+    if arr.ndim != 2 or arr.shape[0] != item.n_scored or not np.isfinite(arr[:, 0]).all():
         raise EngineMismatch(f"vLLM span scoring returned shape {list(arr.shape)} for {item.n_scored} positions")
-    return ItemScores(logprobs_T=np.ascontiguousarray(arr[:, 0]))
+    cands = None if item.candidate_ids_T_C is None else np.ascontiguousarray(arr[:, 1:])
+    return ItemScores(logprobs_T=np.ascontiguousarray(arr[:, 0]), candidate_logprobs_T_C=cands)
 
 
 def _from_flat(item: ScoreItem, flat, full: bool) -> ItemScores:

