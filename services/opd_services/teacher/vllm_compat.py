@@ -142,14 +142,14 @@ def _choice(index: int, prompt: list[int], sc, k: int, token_ids: bool) -> dict:
     plp: list[Any] = [None]
     if sc is not None:
         lps, ranks = sc.logprobs_T.tolist(), sc.rank_T.tolist()
-        top_ids = sc.top_ids_T_K.tolist() if k else None
-        top_lps = sc.top_logprobs_T_K.tolist() if k else None
-        for t, tok in enumerate(prompt[1:]):
-            pos = {str(tok): {"logprob": lps[t], "rank": ranks[t], "decoded_token": None}}
-            for j in range(k):
-                key = str(top_ids[t][j])
-                if key not in pos:
-                    pos[key] = {"logprob": top_lps[t][j], "rank": j + 1, "decoded_token": None}
+        tops = zip(sc.top_ids_T_K.tolist(), sc.top_logprobs_T_K.tolist()) if k else ((), ) * len(lps)
+        for tok, lp, rank, top in zip(prompt[1:], lps, ranks, tops):
+            pos = {str(tok): {"logprob": lp, "rank": rank, "decoded_token": None}}
+            if k:
+                for j, (tid, tlp) in enumerate(zip(*top), 1):
+                    key = str(tid)
+                    if key not in pos:
+                        pos[key] = {"logprob": tlp, "rank": j, "decoded_token": None}
             plp.append(pos)
     return {"index": index, "text": "", "logprobs": None, "finish_reason": "length", "stop_reason": None,
             "token_ids": [] if token_ids else None, "prompt_logprobs": plp,
