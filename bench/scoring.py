@@ -21,10 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _teacher import TeacherProcess  # noqa: E402
+# bench/queue.py is named like the stdlib's `queue`: keep this folder off the import path
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 from opd_client import AsyncTeacherClient, Sequence  # noqa: E402
+from opd_services.teacher.process import TeacherProcess  # noqa: E402
 from opd_services.tasks.checkpoints import BENCH_MODEL, cached_random_llama  # noqa: E402
 from opd_services.teacher.engine import ScoreItem  # noqa: E402
 from opd_services.teacher.torch_engine import TorchEngine  # noqa: E402

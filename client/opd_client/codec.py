@@ -101,13 +101,17 @@ def _rollout_from(d: dict) -> Rollout:
         n = len(tok_b) // 4 if isinstance(tok_b, bytes) else -1
         tok = _arr(d, "tok", _I32, n, "token_ids")
         t = n - s
-        if t < 0:
-            raise PayloadError(f"score_from {s} is past the end of {n} tokens")
+        if not 0 <= s <= n:
+            raise PayloadError(f"score_from {s} is outside [0, {n}] for {n} tokens")
         mask = None if d.get("mask") is None else _arr(d, "mask", _U8, t, "loss_mask")
-        return Rollout(id=d["id"], token_ids=tok, score_from=s, loss_mask=mask,
-                       behaviour_logprobs=_arr(d, "blp", _F32, t, "behaviour_logprobs"),
-                       policy_version=int(d.get("pv", 0)), sampled_at=float(d.get("at", 0.0)),
-                       metadata=d.get("md") or {}, top_k=int(d.get("tk", 0)))
+        rid, md, top_k = d["id"], d.get("md") or {}, int(d.get("tk", 0))
+        if not isinstance(rid, str) or not isinstance(md, dict) or top_k < 0:
+            raise PayloadError(f"bad id {rid!r}, metadata of type {type(md).__name__} or top_k {top_k}")
+        # every array's dtype and length is checked above: skip Rollout's own checks (hot path)
+        return Rollout._trusted(id=rid, token_ids=tok, score_from=s, loss_mask=mask,
+                                behaviour_logprobs=_arr(d, "blp", _F32, t, "behaviour_logprobs"),
+                                policy_version=int(d.get("pv", 0)), sampled_at=float(d.get("at", 0.0)),
+                                metadata=md, top_k=top_k)
     except KeyError as e:
         raise PayloadError(f"missing field {e.args[0]!r}") from None
     except PayloadError:

@@ -132,6 +132,16 @@ class Rollout:
     def n_scored(self) -> int:
         return len(self.token_ids) - self.score_from
 
+    @classmethod
+    def _trusted(cls, **fields) -> "Rollout":
+        """Build without re-checking: for the codec, which has checked every dtype and length."""
+        self = object.__new__(cls)
+        if fields["loss_mask"] is None:
+            fields["loss_mask"] = np.ones(len(fields["token_ids"]) - fields["score_from"], np.uint8)
+        for k, v in fields.items():
+            object.__setattr__(self, k, v)
+        return self
+
 
 @dataclass(frozen=True, eq=False)
 class ScoredRollout:

@@ -65,7 +65,8 @@ class Settings(BaseSettings):
 
     # --- tenancy ---
     auth: Literal["on", "off", "auto"] = Field("auto", description="on | off; auto = on once experiments exist.")
-    admin_key: str | None = Field(None, description="Key that manages experiments.")
+    admin_key: str | None = Field(None, description="Key that manages experiments (admin HTTP routes); empty = none.")
+    acl_sync_s: float = Field(30.0, gt=0, description="How often the teacher re-creates experiments' Redis ACL users from the registry (they live in Redis memory and vanish when Redis restarts).")
 
     @field_validator("teacher_url")
     @classmethod

@@ -104,7 +104,9 @@ def test_v1_reader_ignores_unknown_fields_and_reads_minimal_payloads():
     (msgpack.packb({"v": 1, "k": "rollout", "id": "x", "tok": b"\0" * 7, "s": 1, "blp": b""}), "token_ids"),
     (msgpack.packb({"v": 1, "k": "rollout", "id": "x", "tok": b"\0" * 8, "s": 1, "blp": b"\0"}),
      "behaviour_logprobs: expected 1 x float32"),
-    (msgpack.packb({"v": 1, "k": "rollout", "id": "x", "tok": b"\0" * 8, "s": 5, "blp": b""}), "past the end"),
+    (msgpack.packb({"v": 1, "k": "rollout", "id": "x", "tok": b"\0" * 8, "s": 5, "blp": b""}), "outside \\[0, 2\\]"),
+    (msgpack.packb({"v": 1, "k": "rollout", "id": "x", "tok": b"\0" * 8, "s": -1, "blp": b"\0" * 12}), "score_from -1"),
+    (msgpack.packb({"v": 1, "k": "rollout", "id": 5, "tok": b"\0" * 8, "s": 1, "blp": b"\0" * 4}), "bad id 5"),
 ])
 def test_corrupt_payloads_say_what_is_wrong(data, words):
     with pytest.raises(PayloadError, match=words):

@@ -29,7 +29,7 @@ def _scorer_process(redis_url: str, teacher_url: str, metrics_port: int) -> subp
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _scrape(port: int, timeout_s: float = 10) -> str:
+def _scrape(port: int, timeout_s: float = 30) -> str:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -84,7 +84,10 @@ def test_kill_9_a_scorer_5_times_while_5000_rollouts_flow_every_one_scored_exact
                 p.kill()
     counts = collections.Counter(s.rollout.id for s in got)
     assert len(pushed) == total
-    assert set(counts) == set(pushed), f"missing {len(set(pushed) - set(counts))}"
+    r = connect(redis_url)
+    state = (f"pending {r.xpending(rollouts_key(exp), keys.GROUP_SCORERS)}, "
+             f"scorer exit codes {[p.returncode for p, _ in procs]}")
+    assert set(counts) == set(pushed), f"missing {len(set(pushed) - set(counts))}; {state}"
     assert [i for i, n in counts.items() if n > 1] == []
     assert dead_entries(connect(redis_url), exp) == []
     print(f"reclaimed by survivors: {reclaimed:.0f}")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from opd_client.codec import encode_scored
-from opd_client.errors import InvalidRequest, QueueFull
+from opd_client.errors import InvalidRequest, PermissionDenied, QueueFull, Unavailable
 from opd_client.queue import (GROUP_SCORERS, AsyncRolloutProducer, RolloutProducer, ScoredConsumer, keys,
                               rollouts_key, scored_key)
 from opd_client.queue.connection import connect
@@ -142,3 +142,38 @@ def test_pushing_something_else_than_rollouts_is_refused(redis_url, exp):
         with pytest.raises(InvalidRequest, match=r"rollouts\[1\]: must be an opd_client.Rollout"):
             q.push(make_rollouts(1) + [{"token_ids": [1, 2]}])
         assert q.backlog() == 0
+
+
+def test_cluster_mode_can_be_forced_or_detected_and_bad_values_are_refused(redis_url):
+    import redis as redis_py
+    detected = connect(redis_url)
+    forced = connect(redis_url + ("&" if "?" in redis_url else "?") + "cluster=no")
+    assert type(forced) is redis_py.Redis and forced.ping()
+    assert isinstance(detected, (redis_py.Redis, redis_py.RedisCluster))
+    with pytest.raises(InvalidRequest, match="cluster=yes or cluster=no"):
+        connect(redis_url + "?cluster=maybe")
+
+
+def test_a_user_without_info_rights_still_connects(redis_url, exp):
+    """Tenancy gives each experiment an ACL user limited to its keys and stream commands."""
+    admin = connect(redis_url)
+    if not isinstance(admin, __import__("redis").Redis):
+        pytest.skip("ACL users are per node on a cluster; covered on the single-node run")
+    user = f"u{exp}"
+    admin.acl_setuser(user, enabled=True, passwords=[f"+pw{exp}"], keys=[f"opd:{{{exp}}}:*"],
+                      commands=["+@stream", "+ping", "-info"])
+    try:
+        url = redis_url.replace("redis://", f"redis://{user}:pw{exp}@", 1)
+        with RolloutProducer(url, exp) as q:
+            assert len(q.push(make_rollouts(2))) == 2
+        with pytest.raises(PermissionDenied, match="only its own") as e:   # other experiments stay out of reach
+            RolloutProducer(url, exp + "x")
+        assert f"pw{exp}" not in str(e.value)
+    finally:
+        admin.acl_deluser(user)
+
+
+def test_no_redis_there_is_unavailable_and_says_where(exp):
+    from opd_services.redis_embed import free_port
+    with pytest.raises(Unavailable, match="Check OPD_REDIS_URL"):
+        RolloutProducer(f"redis://127.0.0.1:{free_port()}", exp)

@@ -102,12 +102,12 @@ def test_teacher_stopped_for_a_while_scorers_back_off_and_resume_nothing_dead(re
     url = f"grpc://127.0.0.1:{port}"
     teacher = BackgroundTeacher(settings).start()
     retries0 = _metric("opd_queue_teacher_retries_total")
-    with RolloutProducer(redis_url, exp) as q, running_scorer(redis_url, url, queue_reclaim_idle_s=0.5):
+    with RolloutProducer(redis_url, exp) as q, running_scorer(redis_url, url, queue_reclaim_idle_s=2.0):
         q.push(make_rollouts(50, prefix="a"))
         assert len(drain_scored(redis_url, exp, 50, timeout_s=20, consumer="c1")) == 50
         teacher.stop()
         q.push(make_rollouts(50, prefix="b"))
-        time.sleep(3)                  # well past the reclaim timeout: scorers keep retrying
+        time.sleep(4)                  # twice the reclaim timeout: scorers keep retrying
         assert _metric("opd_queue_teacher_retries_total") > retries0
         teacher = BackgroundTeacher(settings).start()
         try:
@@ -116,6 +116,8 @@ def test_teacher_stopped_for_a_while_scorers_back_off_and_resume_nothing_dead(re
             teacher.stop()
     assert sorted(s.rollout.id for s in got) == sorted(f"b{i}" for i in range(50))
     assert dead_entries(connect(redis_url), exp) == []
+    # the waiting scorers kept their batches fresh: nobody reclaimed (and redid) them
+    assert _metric("opd_queue_reclaimed_total", experiment=exp, stream="rollouts") == 0
 
 
 def test_stopping_with_the_teacher_down_releases_the_batch_to_other_scorers(redis_url, exp, uniform_teacher):
@@ -146,3 +148,49 @@ def test_queue_gauges_report_backlog_and_pending(redis_url, exp):
     assert _metric("opd_queue_backlog", experiment=exp, stream="rollouts") == 4
     assert _metric("opd_queue_pending", experiment=exp, stream="rollouts") == 3
     assert _metric("opd_queue_backlog", experiment=exp, stream="scored") == 0
+
+
+def test_a_stream_deleted_under_a_running_scorer_does_not_stall_the_others(redis_url, exp, uniform_teacher):
+    r = connect(redis_url)
+    other = f"{exp}-other"
+    with RolloutProducer(redis_url, exp) as q, running_scorer(redis_url, uniform_teacher.grpc_url):
+        q.push(make_rollouts(5))
+        assert len(drain_scored(redis_url, exp, 5, timeout_s=10)) == 5
+        r.delete(rollouts_key(exp))          # gone, while the scorer still lists the experiment
+        with RolloutProducer(redis_url, other) as q2:
+            q2.push(make_rollouts(5))
+            assert len(drain_scored(redis_url, other, 5, timeout_s=10)) == 5
+        q.push(make_rollouts(3, prefix="again"))   # the producer recreates stream and group
+        assert len(drain_scored(redis_url, exp, 3, timeout_s=10)) == 3
+
+
+def test_a_stalled_scorer_whose_batch_was_taken_over_publishes_nothing(redis_url, exp):
+    """The atomic publish checks ownership: after B reclaims A's entry, A's late result is
+    dropped and B's is published, once. (Plain MULTI/EXEC would have published both.)"""
+    from opd_services.scorer.publish import Outcome, Publisher
+    r = connect(redis_url)
+    with RolloutProducer(redis_url, exp) as q:
+        (eid,) = q.push(make_rollouts(1))
+    r.xreadgroup(keys.GROUP_SCORERS, "A", {rollouts_key(exp): ">"}, count=1)
+    time.sleep(0.05)
+    _, claimed, *_ = r.xautoclaim(rollouts_key(exp), keys.GROUP_SCORERS, "B", 10, start_id="0-0")
+    assert [c[0].decode() for c in claimed] == [eid]
+    assert Publisher(r, "A").publish(exp, [Outcome(eid, b"from-A")]) == [False]
+    assert Publisher(r, "B").publish(exp, [Outcome(eid, b"from-B")]) == [True]
+    assert Publisher(r, "B").publish(exp, [Outcome(eid, b"again")]) == [False]    # a retried publish
+    assert [f[keys.FIELD] for _, f in r.xrange(keys.scored_key(exp))] == [b"from-B"]
+    assert r.xpending(rollouts_key(exp), keys.GROUP_SCORERS)["pending"] == 0
+
+
+def test_touch_refreshes_only_entries_this_scorer_still_owns(redis_url, exp):
+    from opd_services.scorer.publish import Publisher
+    r = connect(redis_url)
+    with RolloutProducer(redis_url, exp) as q:
+        a, b = q.push(make_rollouts(2))
+    r.xreadgroup(keys.GROUP_SCORERS, "A", {rollouts_key(exp): ">"}, count=2)
+    time.sleep(0.3)
+    r.xclaim(rollouts_key(exp), keys.GROUP_SCORERS, "B", 0, [b], justid=True)
+    assert Publisher(r, "A").touch(exp, [a, b]) == 1
+    owners = {e["message_id"].decode(): (e["consumer"].decode(), e["time_since_delivered"])
+              for e in r.xpending_range(rollouts_key(exp), keys.GROUP_SCORERS, "-", "+", 10)}
+    assert owners[a][0] == "A" and owners[a][1] < 200 and owners[b][0] == "B"

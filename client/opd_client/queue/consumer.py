@@ -22,9 +22,9 @@ import time
 from redis.exceptions import RedisError
 
 from opd_client.codec import PayloadError, decode_scored
-from opd_client.errors import InvalidRequest, Unavailable
+from opd_client.errors import InvalidRequest
 from opd_client.queue import keys
-from opd_client.queue.connection import connect
+from opd_client.queue.connection import as_opd_error, connect
 from opd_client.types import ScoredRollout
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class ScoredConsumer:
             self.redis = connect(redis_url)
             keys.ensure_group(self.redis, self.key, group)
         except RedisError as e:
-            raise Unavailable(f"cannot reach Redis at {redis_url}: {e}. Check OPD_REDIS_URL.") from e
+            raise as_opd_error(redis_url, e, f"opening the scored queue of {experiment!r}") from e
 
     def _reclaim(self, count: int) -> list:
         now = time.monotonic()
@@ -89,8 +89,7 @@ class ScoredConsumer:
                     raw.extend(entries)
             return self._decode(raw)
         except RedisError as e:
-            raise Unavailable(f"Redis at {self.url}: {e}; read again when it is back (nothing is lost: "
-                              "unacked entries stay pending)") from e
+            raise as_opd_error(self.url, e, "read (nothing is lost: unacked entries stay pending)") from e
 
     def _decode(self, raw: list) -> list[tuple[str, ScoredRollout]]:
         out, bad = [], []
@@ -121,7 +120,7 @@ class ScoredConsumer:
                 keys.trim_consumed(self.redis, self.key)
             return n
         except RedisError as e:
-            raise Unavailable(f"Redis at {self.url}: {e}; ack again when it is back") from e
+            raise as_opd_error(self.url, e, "ack (safe to repeat)") from e
 
     def close(self) -> None:
         self.redis.close()

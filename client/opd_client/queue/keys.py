@@ -45,7 +45,7 @@ def experiment_of(rollouts_key_name: str | bytes) -> str | None:
     return m.group(1) if m else None
 
 
-def _s(v) -> str:
+def as_str(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
@@ -77,11 +77,12 @@ def trim_floor(r, key: str) -> str | None:
         return None
     floor = None
     for g in groups:
-        name, last = _s(g["name"]), _s(g["last-delivered-id"])
+        name, last = as_str(g["name"]), as_str(g["last-delivered-id"])
         need = _next_id(last)
         if int(g["pending"]):
-            oldest = _s(r.xpending(key, name)["min"])
-            need = oldest if _older(oldest, need) else need
+            oldest = r.xpending(key, name)["min"]      # None if all were acked meanwhile
+            if oldest is not None and _older(as_str(oldest), need):
+                need = as_str(oldest)
         floor = need if floor is None or _older(need, floor) else floor
     return floor
 
@@ -97,7 +98,7 @@ def trim_consumed(r, key: str) -> int:
 def backlog_of(groups: list[dict], xlen: int) -> int:
     """Entries of a rollout stream not yet done by the scorers: undelivered (lag) + pending."""
     for g in groups:
-        if _s(g["name"]) == GROUP_SCORERS:
+        if as_str(g["name"]) == GROUP_SCORERS:
             lag = g.get("lag")
             return (xlen if lag is None else int(lag) + int(g["pending"]))
     return xlen

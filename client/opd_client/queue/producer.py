@@ -16,12 +16,14 @@ from __future__ import annotations
 import asyncio
 import time
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from opd_client.codec import encode_rollout
 from opd_client.errors import InvalidRequest, QueueFull, Unavailable
 from opd_client.queue import keys
-from opd_client.queue.connection import aconnect, connect
+from opd_client.queue.connection import aconnect, as_opd_error, connect
 from opd_client.types import Rollout
 
 _POLL_S = 0.05
@@ -36,9 +38,11 @@ def _encode(rollouts: list[Rollout]) -> list[bytes]:
     return out
 
 
-def _lost(url: str, n: int, err: Exception) -> Unavailable:
-    return Unavailable(f"Redis at {url} failed during a push of {n} rollout(s) ({type(err).__name__}: {err}); "
-                       "some may have been added. Retry when Redis is back (duplicates keep their rollout id).")
+def _lost(url: str, n: int, err: RedisError):
+    if not isinstance(err, (RedisConnectionError, RedisTimeoutError)):
+        return as_opd_error(url, err, f"push of {n} rollout(s) refused")
+    return Unavailable(f"Redis at {url.split('@')[-1]} failed during a push of {n} rollout(s) ({type(err).__name__}: "
+                       f"{err}); some may have been added. Retry when Redis is back (duplicates keep their rollout id).")
 
 
 class _Base:
@@ -72,7 +76,7 @@ class RolloutProducer(_Base):
             self.redis = connect(redis_url, retries=0)
             keys.ensure_group(self.redis, self.key, keys.GROUP_SCORERS)
         except RedisError as e:
-            raise Unavailable(f"cannot reach Redis at {redis_url}: {e}. Check OPD_REDIS_URL.") from e
+            raise as_opd_error(redis_url, e, f"opening the rollout queue of {experiment!r}") from e
 
     def backlog(self) -> int:
         return keys.backlog_of(self.redis.xinfo_groups(self.key), self.redis.xlen(self.key))
@@ -127,7 +131,7 @@ class AsyncRolloutProducer(_Base):
                 if "BUSYGROUP" not in str(e):
                     raise
         except RedisError as e:
-            raise Unavailable(f"cannot reach Redis at {redis_url}: {e}. Check OPD_REDIS_URL.") from e
+            raise as_opd_error(redis_url, e, f"opening the rollout queue of {experiment!r}") from e
         return self
 
     async def backlog(self) -> int:

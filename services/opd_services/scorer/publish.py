@@ -40,6 +40,21 @@ return out
 """
 
 
+# Keep entries this scorer still owns from looking idle (while it waits out a teacher outage),
+# so other scorers do not reclaim them and redo the same work. XCLAIM resets the idle time.
+_TOUCH = """
+local n = 0
+for i = 3, #ARGV do
+  local mine = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2])
+  if #mine == 1 then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    n = n + 1
+  end
+end
+return n
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What became of one rollout entry: scored (payload = encoded ScoredRollout) or dead."""
@@ -59,6 +74,13 @@ class Publisher:
         self.redis = redis
         self.consumer = consumer
         self._script = redis.register_script(_PUBLISH)
+        self._touch = redis.register_script(_TOUCH)
+
+    def touch(self, exp: str, entry_ids: list[str]) -> int:
+        """Reset the idle time of those of `entry_ids` still pending for this scorer; returns how many."""
+        if not entry_ids:
+            return 0
+        return int(self._touch(keys=[keys.rollouts_key(exp)], args=[keys.GROUP_SCORERS, self.consumer, *entry_ids]))
 
     def publish(self, exp: str, outcomes: list[Outcome]) -> list[bool]:
         """Atomically publish + ack; True per outcome this scorer published, False where the

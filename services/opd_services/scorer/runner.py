@@ -37,7 +37,7 @@ def update_gauges(redis, exps: list[str]) -> None:
     for exp in exps:
         for stream, key, group in (("rollouts", keys.rollouts_key(exp), keys.GROUP_SCORERS),
                                    ("scored", keys.scored_key(exp), keys.GROUP_TRAINERS)):
-            groups = {keys._s(g["name"]): g for g in redis.xinfo_groups(key)} if redis.exists(key) else {}
+            groups = {keys.as_str(g["name"]): g for g in redis.xinfo_groups(key)} if redis.exists(key) else {}
             g = groups.get(group)
             lag = redis.xlen(key) if g is None or g.get("lag") is None else int(g["lag"])
             metrics.QUEUE_BACKLOG.labels(exp, stream).set(lag)
@@ -91,7 +91,7 @@ def serve_scorer(settings: Settings) -> int:
     url = settings.redis_url
     if url is None:
         from opd_services.redis_embed import EmbeddedRedis
-        embedded = EmbeddedRedis(appendonly=True).start()
+        embedded = EmbeddedRedis().start()       # in-memory: it lives and dies with this process
         url = embedded.url
         log.warning("OPD_REDIS_URL unset: started an embedded Valkey at %s (producers and trainers: "
                     "OPD_REDIS_URL=%s); it stops with this process", url, url)

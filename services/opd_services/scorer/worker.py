@@ -2,8 +2,8 @@
 
 Each `ScorerLoop` is one consumer of the `scorers` group on every `opd:{EXP}:rollouts`:
   1) take a batch: stale entries reclaimed from dead scorers (XAUTOCLAIM) first, then new
-     ones, visiting experiments round-robin (one batch per turn, so a busy experiment
-     cannot starve a quiet one);
+     ones, visiting experiments by weighted fair queuing on tokens (fair.py: the most owed
+     first, so a busy experiment cannot starve a quiet one and weights set the shares);
   2) decode; a corrupt payload becomes a dead letter at once;
   3) score through the teacher (gRPC, opd_client), retrying transient failures with
      backoff for as long as it takes; a rollout the teacher refuses becomes a dead letter;
@@ -19,12 +19,13 @@ import random
 import threading
 import time
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from opd_client import TeacherClient
 from opd_client.codec import PayloadError, decode_rollout
 from opd_client.queue import keys
 from opd_services import metrics
+from opd_services.scorer.fair import FairShare
 from opd_services.scorer.publish import Outcome, Publisher
 from opd_services.scorer.scoring import Item, TeacherDown, score_items
 
@@ -33,11 +34,13 @@ _RELEASED_IDLE_MS = 10 ** 10     # "idle forever": any scorer's next XAUTOCLAIM 
 
 
 class Experiments:
-    """Experiments with a rollout stream, found by SCAN (all cluster nodes), refreshed now and then."""
+    """Experiments with a rollout stream, found by SCAN (all cluster nodes), and their weights
+    from the registry (1 when unregistered), refreshed now and then."""
 
     def __init__(self, redis, refresh_s: float):
         self.redis, self.refresh_s = redis, refresh_s
         self.names: list[str] = []
+        self.weights: dict[str, float] = {}
         self._next = 0.0
 
     def current(self) -> list[str]:
@@ -48,8 +51,23 @@ class Experiments:
                 keys.ensure_group(self.redis, keys.rollouts_key(exp), keys.GROUP_SCORERS)
                 log.info("scoring experiment %r", exp)
             self.names = sorted(found)
+            self.weights = registry_weights(self.redis)
             self._next = time.monotonic() + self.refresh_s
         return self.names
+
+    def weight(self, exp: str) -> float:
+        return self.weights.get(exp, 1.0)
+
+
+def registry_weights(redis) -> dict[str, float]:
+    """Weights of registered experiments; {} when the registry cannot be read (no tenancy, or
+    a scorer whose Redis user may not read it): every experiment then weighs the same."""
+    from opd_services.tenancy.registry import EXPERIMENTS, Experiment
+    try:
+        return {e.name: e.weight for e in map(Experiment.from_json, redis.hgetall(EXPERIMENTS).values())}
+    except RedisError as e:
+        log.debug("experiment weights unavailable (%s): equal shares", e)
+        return {}
 
 
 class ScorerLoop:
@@ -60,7 +78,7 @@ class ScorerLoop:
         self.reclaim_idle_ms = int(reclaim_idle_s * 1000)
         self.backoff_max_s, self.drain_timeout_s = backoff_max_s, drain_timeout_s
         self.publisher = Publisher(redis, consumer)
-        self._rr = 0
+        self.fair = FairShare()
         self._next_reclaim: dict[str, float] = {}
         self._next_trim: dict[str, float] = {}
 
@@ -85,19 +103,27 @@ class ScorerLoop:
             time.sleep(self.block_ms / 1000)
             return None
         for exp in exps:
-            if entries := self._reclaim(exp):
+            if entries := self._no_group_safe(exp, self._reclaim, exp):
                 return exp, entries
-        n = len(exps)
-        for j in range(n):
-            exp = exps[(self._rr + j) % n]
-            last = j == n - 1
-            got = self.redis.xreadgroup(keys.GROUP_SCORERS, self.consumer, {keys.rollouts_key(exp): ">"},
-                                        count=self.batch_size, block=self.block_ms if last else None)
+        order = self.fair.order(exps)
+        for j, exp in enumerate(order):
+            block = self.block_ms if j == len(order) - 1 else None
+            got = self._no_group_safe(exp, self.redis.xreadgroup, keys.GROUP_SCORERS, self.consumer,
+                                      {keys.rollouts_key(exp): ">"}, count=self.batch_size, block=block)
             if got and got[0][1]:
-                self._rr = (self._rr + j + 1) % n
                 return exp, got[0][1]
-        self._rr = (self._rr + 1) % n
         return None
+
+    def _no_group_safe(self, exp: str, fn, *args, **kw):
+        """Run fn; if the stream or its group vanished (deleted, or Redis restarted without
+        persistence), recreate the group and report nothing this turn."""
+        try:
+            return fn(*args, **kw)
+        except ResponseError as e:
+            if "NOGROUP" not in str(e):
+                raise
+            keys.ensure_group(self.redis, keys.rollouts_key(exp), keys.GROUP_SCORERS)
+            return None
 
     # ---- 2) decode, 3) score ------------------------------------------------------------
 
@@ -112,7 +138,7 @@ class ScorerLoop:
                 dead.append(Outcome(eid, raw, dead_reason=f"corrupt payload: {e.reason}"))
         return items, dead
 
-    def score(self, items: list[Item], stop: threading.Event) -> list[Outcome] | None:
+    def score(self, exp: str, items: list[Item], stop: threading.Event) -> list[Outcome] | None:
         """Outcomes, or None when stopping before the teacher answered (batch released)."""
         attempt, deadline = 0, None
         while True:
@@ -121,13 +147,24 @@ class ScorerLoop:
             except TeacherDown as e:
                 metrics.QUEUE_TEACHER_RETRIES.inc()
                 wait = max(e.retry_after, random.uniform(0, min(self.backoff_max_s, 0.1 * 2 ** attempt)))
+                wait = min(wait, self.reclaim_idle_ms / 2000)   # touch the batch well before it looks stale
                 attempt += 1
                 log.warning("teacher unavailable (%s); retry %d in %.2fs", e, attempt, wait)
+                self._touch(exp, items)
             if stop.is_set():
                 deadline = deadline or time.monotonic() + self.drain_timeout_s
                 if time.monotonic() >= deadline:
                     return None
-            stop.wait(wait) if not stop.is_set() else time.sleep(min(wait, 0.2))
+            if stop.is_set():
+                time.sleep(min(wait, 0.2))     # draining: keep trying until the deadline
+            else:
+                stop.wait(wait)
+
+    def _touch(self, exp: str, items: list[Item]) -> None:
+        try:
+            self.publisher.touch(exp, [it.entry_id for it in items])
+        except RedisError as e:       # only an optimisation: the publish step checks ownership anyway
+            log.debug("could not refresh the batch's idle time: %s", e)
 
     # ---- 4) publish -----------------------------------------------------------------------
 
@@ -161,7 +198,8 @@ class ScorerLoop:
             return 0
         exp, entries = taken
         items, dead = self.decode(entries)
-        outcomes = self.score(items, stop)
+        self.fair.charge(exp, sum(len(it.rollout.token_ids) for it in items), self.experiments.weight(exp))
+        outcomes = self.score(exp, items, stop)
         if outcomes is None:
             self.release(exp, [e[0].decode() for e in entries])
             log.info("stopping: released %d rollout(s) of %r to other scorers", len(entries), exp)

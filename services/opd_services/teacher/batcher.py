@@ -9,9 +9,12 @@ gets a virtual finish tag, start + tokens / weight of its experiment, where star
 of the virtual clock and the experiment's previous tag. The sequence with the smallest tag
 anchors the batch; the rest is filled, among sequences whose tags lie within a few batches'
 worth of virtual time of the anchor, with those closest to it in length while the padded token
-count (sequences x longest) stays within the budget. So every experiment's share of teacher
-tokens converges to its weight, a light experiment never waits behind a heavy one's backlog,
-and padding stays low. With one experiment this is FIFO with length grouping.
+count (sequences x longest) stays within the budget. An experiment that was idle gets a credit
+of its first sequence's virtual length (`_idle_credit`). So every experiment's share of teacher tokens
+converges to its weight, a light experiment's next sequences go into the next batch instead of
+waiting behind a heavy one's backlog, and padding stays low. With one experiment this is FIFO
+with length grouping. Batches are not preempted: a sequence can still wait for the batch in
+progress, so OPD_MAX_BATCH_TOKENS bounds the latency others add to a light experiment.
 This module does not validate, authenticate or encode anything.
 """
 from __future__ import annotations
@@ -72,8 +75,9 @@ class Batcher:
             if self._stopping:
                 raise Unavailable("the teacher is shutting down; retry on another replica")
             entries = []
+            floor = self._vtime - self._idle_credit(items[0], weight) if items else self._vtime
             for it in items:
-                start = max(self._vtime, self._last_finish.get(experiment, 0.0))
+                start = max(floor, self._last_finish.get(experiment, floor))
                 finish = start + it.n_tokens / weight
                 self._last_finish[experiment] = finish
                 entries.append(_Pending(it, loop.create_future(), loop, experiment, start, finish, weight))
@@ -85,6 +89,13 @@ class Batcher:
             return list(await asyncio.gather(*(e.future for e in entries)))
         finally:
             metrics.INFLIGHT_TOKENS.dec(tokens)
+
+    def _idle_credit(self, first: ScoreItem, weight: float) -> float:
+        """An experiment that was idle starts early by its first sequence's own virtual length
+        (at most one batch), so that sequence goes into the next batch instead of queueing
+        behind the heads of busy experiments' backlogs. Never for a backlogged experiment (its
+        own last tag is later), so long-run shares still follow the weights."""
+        return min(first.n_tokens, self.max_batch_tokens) / weight
 
     def idle(self) -> bool:
         with self._cond:

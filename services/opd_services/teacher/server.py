@@ -20,6 +20,7 @@ from typing import Callable
 import uvicorn
 
 from opd_services.config import Settings
+from opd_services.errors import Unavailable
 from opd_services.teacher.engine import Engine
 from opd_services.teacher.engines import engine_factory
 from opd_services.teacher.grpc import create_server
@@ -65,14 +66,30 @@ class TeacherServer:
         s = self.settings
         if s.redis_url is None:
             return Authenticator("off" if s.auth == "off" else s.auth, s.admin_key, None)
+        from redis.exceptions import RedisError
+
         from opd_client.queue.connection import aconnect, connect
-        self._redis = await aconnect(s.redis_url)
-        self._registry = Registry(connect(s.redis_url))
-        n = await asyncio.to_thread(self._registry.sync_acl)
+        try:
+            self._redis = await aconnect(s.redis_url)
+            self._registry = Registry(connect(s.redis_url))
+            n = await asyncio.to_thread(self._registry.sync_acl)
+        except (RedisError, OSError) as e:
+            raise Unavailable(f"cannot reach the experiments registry at OPD_REDIS_URL={s.redis_url!r}: {e}. "
+                              "Start Redis, fix the URL, or unset OPD_REDIS_URL to serve without tenancy") from e
         log.info("experiments registry: %d experiment(s), ACL users in sync", n)
         self._usage = UsageRecorder(self._redis)
         self._usage.start()
+        self._acl_task = asyncio.create_task(self._keep_acl_in_sync())
         return Authenticator(s.auth, s.admin_key, self._redis)
+
+    async def _keep_acl_in_sync(self) -> None:
+        """Experiments' ACL users live in Redis memory: recreate them after a Redis restart."""
+        while True:
+            await asyncio.sleep(self.settings.acl_sync_s)
+            try:
+                await asyncio.to_thread(self._registry.sync_acl)
+            except Exception as e:  # Redis away for a while: the next round retries
+                log.warning("could not sync experiments' ACL users: %s", e)
 
     async def start(self, wait_ready: bool = True) -> None:
         s = self.settings
@@ -117,6 +134,7 @@ class TeacherServer:
         # 3) engine down, usage flushed
         await self.service.shutdown(timeout)
         if self._usage is not None:
+            self._acl_task.cancel()
             await self._usage.stop()
             await self._redis.aclose()
         log.info("teacher stopped")

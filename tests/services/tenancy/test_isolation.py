@@ -160,3 +160,29 @@ def test_cli_manages_experiments(redis_server):
     assert opd("delete", n).returncode == 0
     missing = opd("show", n)
     assert missing.returncode == 1 and "no experiment named" in missing.stderr
+
+
+def test_acl_users_come_back_after_a_redis_restart(cache_dir):
+    """ACL users live in Redis memory; the teacher recreates them from the (persisted) registry."""
+    from opd_client.queue.connection import connect
+    from opd_services.redis_embed import EmbeddedRedis
+    from opd_services.teacher.server import BackgroundTeacher
+    from opd_services.tenancy.registry import Registry
+
+    from conftest import PacedEngine, tenancy_settings
+    with EmbeddedRedis(appendonly=True) as server:
+        creds = Registry(connect(server.url)).create(name())
+        host = server.url.removeprefix("redis://")
+        as_exp = f"redis://{creds.redis_user}:{creds.redis_password}@{host}"
+        s = tenancy_settings(cache_dir, server.url, acl_sync_s=0.2)
+        with BackgroundTeacher(s, engine=lambda: PacedEngine(0.0)):
+            assert redis.Redis.from_url(as_exp).ping()
+            server.restart()
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    assert redis.Redis.from_url(as_exp).ping()
+                    break
+                except (redis.exceptions.AuthenticationError, redis.exceptions.ConnectionError):
+                    assert time.monotonic() < deadline, "ACL user not recreated"
+                    time.sleep(0.1)

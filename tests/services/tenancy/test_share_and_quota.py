@@ -31,7 +31,7 @@ async def saturate(url: str, key: str, stop_at: float, counted_from: float, stre
         nonlocal total
         while time.monotonic() < stop_at:
             out = await c.score([[1] * 100] * 2)
-            if time.monotonic() > counted_from:
+            if counted_from < time.monotonic() <= stop_at:      # what drains after the stop does not count
                 total += out.usage.scored_tokens
     clients = [AsyncTeacherClient(url, api_key=key) for _ in range(streams)]
     try:

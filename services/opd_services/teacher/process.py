@@ -1,4 +1,5 @@
-"""Bench helpers: run `opd serve` as its own process (as users do) and find its ports."""
+"""Run `opd serve` as its own process (as users do) and find its ports: for benches, the
+demo and tests that need the teacher out of process. Configuration is passed as OPD_* env."""
 from __future__ import annotations
 
 import os
@@ -10,6 +11,8 @@ import httpx
 
 
 class TeacherProcess:
+    """with TeacherProcess(OPD_MODEL=path) as t: ... t.http_url, t.grpc_url; stopped with SIGTERM."""
+
     def __init__(self, **env: str):
         self.env = {**os.environ, "OPD_HTTP_PORT": "0", "OPD_GRPC_PORT": "0", "OPD_LOG_LEVEL": "info", **env}
 
