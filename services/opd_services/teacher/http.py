@@ -1,7 +1,8 @@
 """Native HTTP surface (FastAPI): parse, call ScoringService, map the result. Nothing else.
 
-Routes: POST /v1/score, POST /v1/generate, GET /v1/model, GET /healthz, GET /readyz, GET /metrics, OpenAPI at
-/docs. Errors are mapped to status codes here and only here (`error_response`).
+Routes: POST /v1/score, POST /v1/generate, GET /v1/model, GET /healthz, GET /readyz, GET /metrics,
+OpenAPI at /docs; the vLLM dialect's routes are mounted on the same app by vllm_compat.py.
+Errors are mapped to status codes here and only here (`error_response`).
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from opd_services.teacher.service import ScoringService
 from opd_services.tenancy.auth import Tenant
 
 log = logging.getLogger(__name__)
-ROUTES = {"/v1/score", "/v1/generate", "/v1/model", "/healthz", "/readyz", "/metrics", "/v1/admin/experiments"}
+ROUTES = {"/v1/score", "/v1/generate", "/v1/model", "/healthz", "/readyz", "/metrics", "/v1/admin/experiments",
+          "/health", "/v1/models", "/v1/completions"}   # the last three: the vLLM dialect (vllm_compat.py)
 
 
 def json_response(body, status: int = 200, headers: dict | None = None) -> Response:
@@ -126,6 +128,8 @@ def create_app(service: ScoringService, max_body_bytes: int, registry=None) -> F
     if registry is not None:
         from opd_services.teacher.admin_http import admin_router
         app.include_router(admin_router(registry, tenant))
+    from opd_services.teacher import vllm_compat
+    vllm_compat.mount(app, service)
     return Observe(BodyLimit(app, max_body_bytes))
 
 

@@ -40,6 +40,7 @@ class ScoreRequest:
     top_k: int = 0
     temperature: float = 1.0
     entropy: bool = False
+    rank: bool = False              # the actual token's rank per position (the vLLM dialect needs it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,8 +263,11 @@ class ScoringService:
         if len(req.sequences) > s.max_request_sequences:
             raise InvalidRequest("sequences", f"{len(req.sequences)} sequences; at most {s.max_request_sequences} per request")
         items, total = [], 0
+        check = getattr(self.engine, "check", None)   # optional engine hook (engine.py)
         for i, seq in enumerate(req.sequences):
             item = _validate_sequence(f"sequences[{i}]", seq, info, s.max_candidates, req)
+            if check is not None:
+                check(item, f"sequences[{i}]")
             total += item.n_tokens
             if total > s.max_request_tokens:
                 raise InvalidRequest("sequences", f"more than {s.max_request_tokens} tokens in one request; split it")
@@ -312,4 +316,4 @@ def _validate_sequence(field: str, seq: SequenceIn, info: ModelInfo, max_cands: 
             raise InvalidRequest(f"{field}.candidate_ids", f"each row needs 1..{max_cands} ids, got {width}")
         _check_vocab(f"{field}.candidate_ids", cands, info.vocab_size)
     return ScoreItem(token_ids=ids, score_from=int(s), top_k=req.top_k, temperature=float(req.temperature),
-                     entropy=bool(req.entropy), candidate_ids_T_C=cands)
+                     entropy=bool(req.entropy), candidate_ids_T_C=cands, rank=bool(req.rank))

@@ -87,11 +87,12 @@ class TorchEngine:
         # 3) LM head in chunks
         k = max(it.top_k for it in items)
         want_entropy = any(it.entropy for it in items)
-        out = _Rows(targets_N.shape[0], k, width, want_entropy)
+        want_rank = any(it.rank for it in items)
+        out = _Rows(targets_N.shape[0], k, width, want_entropy, want_rank)
         for lo in range(0, targets_N.shape[0], self.chunk_rows):
             hi = min(lo + self.chunk_rows, targets_N.shape[0])
             self._head_chunk(hidden_N_H[lo:hi], targets_N[lo:hi], temps_N[lo:hi],
-                             None if cands_N_C is None else cands_N_C[lo:hi], k, want_entropy, out, lo)
+                             None if cands_N_C is None else cands_N_C[lo:hi], k, want_entropy, want_rank, out, lo)
         # 4) split per sequence
         return out.split(items)
 
@@ -120,7 +121,7 @@ class TorchEngine:
             blocks.append(blk)
         return torch.from_numpy(np.concatenate(blocks)).to(self.device), width
 
-    def _head_chunk(self, hidden_n_H, targets_n, temps_n, cands_n_C, k, want_entropy, out, lo):
+    def _head_chunk(self, hidden_n_H, targets_n, temps_n, cands_n_C, k, want_entropy, want_rank, out, lo):
         logits_n_V = self.head(hidden_n_H).float()
         if self.softcap:
             logits_n_V = torch.tanh(logits_n_V / self.softcap) * self.softcap
@@ -128,7 +129,10 @@ class TorchEngine:
             logits_n_V = logits_n_V / temps_n[:, None]
         lse_n = torch.logsumexp(logits_n_V, dim=-1)
         hi = lo + targets_n.shape[0]
-        out.logprobs[lo:hi] = (logits_n_V.gather(1, targets_n[:, None])[:, 0] - lse_n).cpu().numpy()
+        target_n = logits_n_V.gather(1, targets_n[:, None])[:, 0]
+        out.logprobs[lo:hi] = (target_n - lse_n).cpu().numpy()
+        if want_rank:
+            out.rank[lo:hi] = ((logits_n_V > target_n[:, None]).sum(-1) + 1).cpu().numpy()
         if k:
             vals, ids = logits_n_V.topk(k, dim=-1)
             out.top_ids[lo:hi] = ids.cpu().numpy()
@@ -143,12 +147,13 @@ class TorchEngine:
 class _Rows:
     """Flat per-row results of a batch, filled chunk by chunk, then split per item."""
 
-    def __init__(self, n: int, k: int, width: int, entropy: bool):
+    def __init__(self, n: int, k: int, width: int, entropy: bool, rank: bool = False):
         self.logprobs = np.empty(n, dtype=np.float32)
         self.top_ids = np.empty((n, k), dtype=np.int64) if k else None
         self.top_logprobs = np.empty((n, k), dtype=np.float32) if k else None
         self.cands = np.empty((n, width), dtype=np.float32) if width else None
         self.entropy = np.empty(n, dtype=np.float32) if entropy else None
+        self.rank = np.empty(n, dtype=np.int64) if rank else None
 
     def split(self, items: list[ScoreItem]) -> list[ItemScores]:
         out, lo = [], 0
@@ -161,6 +166,7 @@ class _Rows:
                 top_ids_T_K=self.top_ids[lo:hi, :k] if k else None,
                 top_logprobs_T_K=self.top_logprobs[lo:hi, :k] if k else None,
                 candidate_logprobs_T_C=self.cands[lo:hi, :w] if w else None,
-                entropy_T=self.entropy[lo:hi] if it.entropy else None))
+                entropy_T=self.entropy[lo:hi] if it.entropy else None,
+                rank_T=self.rank[lo:hi] if it.rank else None))
             lo = hi
         return out

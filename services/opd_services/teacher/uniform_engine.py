@@ -32,7 +32,8 @@ class UniformEngine:
                 top_ids_T_K=np.broadcast_to(np.arange(k, dtype=np.int64), (t, k)) if k else None,
                 top_logprobs_T_K=np.full((t, k), lp, dtype=np.float32) if k else None,
                 candidate_logprobs_T_C=None if c is None else np.full(c.shape, lp, dtype=np.float32),
-                entropy_T=np.full(t, -lp, dtype=np.float32) if it.entropy else None))
+                entropy_T=np.full(t, -lp, dtype=np.float32) if it.entropy else None,
+                rank_T=np.ones(t, dtype=np.int64) if it.rank else None))
         return out
 
     def generate(self, item: GenerateItem) -> list[Sampled]:
