@@ -59,6 +59,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/scoring.py
 	$(BIN)/python bench/queue.py
 	$(BIN)/python bench/distill.py
+	$(BIN)/python bench/fairness.py
 
 # Regenerate the committed Grafana dashboard JSON (a test checks it is fresh).
 dashboard:
