@@ -8,6 +8,7 @@ and knows no wire format.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -140,26 +141,38 @@ class ScoringService:
             metrics.REJECTIONS.labels("unknown", "auth").inc()
             raise
 
-    async def score(self, req: ScoreRequest, tenant: Tenant = DEFAULT) -> ScoreResult:
+    def _check_ready(self) -> None:
         if not self.ready:
             raise Unavailable("the teacher is draining" if self.draining else
                               "the teacher engine is still loading; retry when GET /readyz answers 200")
+
+    def _validated(self, validate, req, tenant: Tenant):
         try:
-            items = self.validate(req)
+            return validate(req)
         except InvalidRequest:
             self._rejected(tenant, "invalid")
             raise
-        tokens = sum(it.n_tokens for it in items)
+
+    @contextlib.contextmanager
+    def _in_flight(self, tenant: Tenant, tokens: int):
+        """Admit within the experiment's quota; count the request until it is answered (drain)."""
         self._admit(tenant, tokens)
         self._inflight += 1
         self._idle.clear()
         try:
-            scores = await self.batcher.submit(items, tenant.name, tenant.weight)
+            yield
         finally:
             self._inflight -= 1
             self._tenant_tokens[tenant.name] -= tokens
             if self._inflight == 0:
                 self._idle.set()
+
+    async def score(self, req: ScoreRequest, tenant: Tenant = DEFAULT) -> ScoreResult:
+        self._check_ready()
+        items = self._validated(self.validate, req, tenant)
+        tokens = sum(it.n_tokens for it in items)
+        with self._in_flight(tenant, tokens):
+            scores = await self.batcher.submit(items, tenant.name, tenant.weight)
         scored = sum(it.n_scored for it in items)
         metrics.SCORED_TOKENS.labels(tenant.name).inc(scored)
         if self.usage is not None:
@@ -187,26 +200,12 @@ class ScoringService:
 
     async def generate(self, req: GenerateRequest, tenant: Tenant = DEFAULT) -> GenerateResult:
         """Sample completions from the teacher (for SFT baselines and mixed on/off-policy data)."""
-        if not self.ready:
-            raise Unavailable("the teacher is draining" if self.draining else
-                              "the teacher engine is still loading; retry when GET /readyz answers 200")
-        try:
-            item = self.validate_generate(req)
-        except InvalidRequest:
-            self._rejected(tenant, "invalid")
-            raise
+        self._check_ready()
+        item = self._validated(self.validate_generate, req, tenant)
         if not hasattr(self.engine, "generate"):
             raise InvalidRequest("prompts", f"the {self.engine.info.engine} engine cannot generate; use the torch engine")
-        self._admit(tenant, item.n_tokens)
-        self._inflight += 1
-        self._idle.clear()
-        try:
+        with self._in_flight(tenant, item.n_tokens):
             samples = await self.batcher.call(lambda engine: engine.generate(item), item.n_tokens, tenant.name)
-        finally:
-            self._inflight -= 1
-            self._tenant_tokens[tenant.name] -= item.n_tokens
-            if self._inflight == 0:
-                self._idle.set()
         generated = sum(int(x.token_ids_T.shape[0]) for x in samples)
         metrics.GENERATED_TOKENS.labels(tenant.name).inc(generated)
         if self.usage is not None:

@@ -17,7 +17,7 @@ from opd_client.queue import RolloutProducer
 from opd_client.types import Rollout
 from opd_services.tenancy.registry import EXPERIMENTS, acl_user
 
-from conftest import ADMIN_KEY
+from tenancy_helpers import ADMIN_KEY
 
 
 def name() -> str:
@@ -169,7 +169,7 @@ def test_acl_users_come_back_after_a_redis_restart(cache_dir):
     from opd_services.teacher.server import BackgroundTeacher
     from opd_services.tenancy.registry import Registry
 
-    from conftest import PacedEngine, tenancy_settings
+    from tenancy_helpers import PacedEngine, tenancy_settings
     with EmbeddedRedis(appendonly=True) as server:
         creds = Registry(connect(server.url)).create(name())
         host = server.url.removeprefix("redis://")

@@ -12,7 +12,7 @@ import pytest
 from opd_client import AsyncTeacherClient, ResourceExhausted, TeacherClient
 from opd_services.teacher.server import BackgroundTeacher
 
-from conftest import PacedEngine, tenancy_settings
+from tenancy_helpers import PacedEngine, tenancy_settings
 
 
 @pytest.fixture(scope="module")
