@@ -131,17 +131,30 @@ class TorchEngine:
         hi = lo + targets_n.shape[0]
         target_n = logits_n_V.gather(1, targets_n[:, None])[:, 0]
         out.logprobs[lo:hi] = (target_n - lse_n).cpu().numpy()
-        if want_rank:
-            out.rank[lo:hi] = ((logits_n_V > target_n[:, None]).sum(-1) + 1).cpu().numpy()
+        vals = None
         if k:
             vals, ids = logits_n_V.topk(k, dim=-1)
             out.top_ids[lo:hi] = ids.cpu().numpy()
             out.top_logprobs[lo:hi] = (vals - lse_n[:, None]).cpu().numpy()
+        if want_rank:
+            out.rank[lo:hi] = _rank(logits_n_V, target_n, vals).cpu().numpy()
         if cands_n_C is not None:
             out.cands[lo:hi] = (logits_n_V.gather(1, cands_n_C) - lse_n[:, None]).cpu().numpy()
         if want_entropy:
             p = torch.softmax(logits_n_V, dim=-1)
             out.entropy[lo:hi] = (lse_n - (p * logits_n_V).sum(-1)).cpu().numpy()
+
+
+def _rank(logits_n_V: torch.Tensor, target_n: torch.Tensor, top_vals_n_K: torch.Tensor | None) -> torch.Tensor:
+    """1 + #(logits > the actual token's). A token at or above the k-th top value has every
+    strictly larger logit inside the top-k, so only the other rows need the full-vocabulary count."""
+    if top_vals_n_K is None:
+        return (logits_n_V > target_n[:, None]).sum(-1) + 1
+    rank_n = (top_vals_n_K > target_n[:, None]).sum(-1) + 1
+    outside = (target_n < top_vals_n_K[:, -1]).nonzero()[:, 0]
+    if outside.numel():
+        rank_n[outside] = (logits_n_V[outside] > target_n[outside, None]).sum(-1) + 1
+    return rank_n
 
 
 class _Rows:
