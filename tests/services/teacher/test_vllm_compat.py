@@ -90,8 +90,28 @@ def test_openai_client(teacher):
     got = [plp[p][str(SEQS[1][p])]["logprob"] for p in range(1, len(SEQS[1]))]
     np.testing.assert_allclose(got, native.logprobs_T, atol=1e-6)
     with pytest.raises(openai.UnprocessableEntityError) as e:   # 422, as on the native surface
-        client.completions.create(model=name, prompt=SEQS[1], max_tokens=16)
-    assert "sampled completions are not available" in str(e.value)
+        client.completions.create(model=name, prompt=SEQS[1], max_tokens=1, extra_body={"prompt_logprobs": 99})
+    assert "prompt_logprobs" in str(e.value)
+
+
+def test_sampled_completions_through_the_teacher_sampling_engine(teacher):
+    """max_tokens > 1: the teacher samples; `logprobs` k scores the sampled tokens with its top-k."""
+    body = {"prompt": [SEQS[0][:4], SEQS[1][:2]], "max_tokens": 5, "temperature": 0, "logprobs": 3,
+            "return_token_ids": True}
+    r = _complete(teacher, body)
+    assert r.status_code == 200, r.text
+    d = r.json()
+    assert d["usage"]["completion_tokens"] == sum(len(c["token_ids"]) for c in d["choices"]) > 0
+    for c, prompt in zip(d["choices"], body["prompt"]):
+        ids = c["token_ids"]
+        assert 1 <= len(ids) <= 5 and c["finish_reason"] in ("stop", "length") and c["prompt_logprobs"] is None
+        lp = c["logprobs"]
+        assert lp["tokens"] == [f"token_id:{i}" for i in ids] and len(lp["top_logprobs"]) == len(ids)
+        native = _native(teacher, [prompt + ids], [len(prompt)], 3).results[0]
+        np.testing.assert_allclose(lp["token_logprobs"], native.logprobs_T, atol=1e-5)
+        assert [max(t, key=t.get) for t in lp["top_logprobs"]] == [f"token_id:{i}" for i in ids]  # greedy
+    again = _complete(teacher, body).json()                       # greedy is deterministic
+    assert [c["token_ids"] for c in again["choices"]] == [c["token_ids"] for c in d["choices"]]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None or importlib.util.find_spec("trl") is None,
@@ -114,8 +134,11 @@ BAD = [   # body, status, param, words in the message
     ({"prompt": [1, 2], "max_tokens": 1, "prompt_logprobs": 21}, 422, "prompt_logprobs", "[0, 20]"),
     ({"prompt": [1, 2], "max_tokens": 1, "prompt_logprobs": -1}, 422, "prompt_logprobs", ">= 0"),
     ({"prompt": [1, 2], "max_tokens": 0, "prompt_logprobs": 1}, 422, "max_tokens", "at least 1"),
-    ({"prompt": [1, 2], "max_tokens": 16, "prompt_logprobs": 1}, 422, "max_tokens", "not available"),
-    ({"prompt": [1, 2], "max_tokens": 1}, 422, "prompt_logprobs", "not available"),
+    ({"prompt": [1, 2], "max_tokens": 2, "stream": True}, 422, "stream", "not served"),
+    ({"prompt": [1, 2], "max_tokens": 2, "n": 2}, 422, "n", "n=1"),
+    ({"prompt": [1, 2], "max_tokens": 2, "logprobs": 21}, 422, "logprobs", "[0, 20]"),
+    ({"prompt": [1, 2], "max_tokens": 2, "stop_token_ids": [999]}, 422, "stop_token_ids[0]", "outside the vocabulary"),
+    ({"prompt": [1, 2], "max_tokens": 100000}, 422, "max_tokens", "max_tokens"),
     ({"prompt": [1, 2], "max_tokens": 1, "prompt_logprobs": 1, "temperature": -1}, 422, "temperature", "> 0"),
     ({"prompt": [], "max_tokens": 1, "prompt_logprobs": 1}, 422, "prompt", "non-empty"),
     ({"prompt": "hello", "max_tokens": 1, "prompt_logprobs": 1}, 422, "prompt", "tokenizer"),
