@@ -10,17 +10,20 @@ embedded Valkey; experiments are created through the registry, as an operator wo
 """
 from __future__ import annotations
 
-import argparse
-import asyncio
 import os
 import sys
+
+# bench/queue.py is named like the stdlib's `queue`: keep this folder off the import path
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+
+import argparse
+import asyncio
 import time
 from pathlib import Path
 
 import numpy as np
 
-# bench/queue.py is named like the stdlib's `queue`: keep this folder off the import path
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 from opd_client import AsyncTeacherClient  # noqa: E402
 from opd_client.queue.connection import connect  # noqa: E402

@@ -8,21 +8,24 @@ in-process figures call TorchEngine.score directly in this process.
 """
 from __future__ import annotations
 
+import os
+import sys
+
+# bench/queue.py is named like the stdlib's `queue`: keep this folder off the import path
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+
 import argparse
 import asyncio
 import json
-import os
 import threading
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-# bench/queue.py is named like the stdlib's `queue`: keep this folder off the import path
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 from opd_client import AsyncTeacherClient, Sequence  # noqa: E402
 from opd_services.teacher.process import TeacherProcess  # noqa: E402
