@@ -144,7 +144,7 @@ def main() -> None:
         h = asyncio.run(service_rate(t.http_url, r1_reqs, args.rounds))
         # R2: 32 clients x one 32-token sequence, batched by the service
         r2_service = asyncio.run(service_rate(t.grpc_url, [[s] for s in r2_seqs], 20))
-    r2_inproc = inprocess_rate(engine, r2_seqs, budget=32 * 32, reps=20)
+    r2_inproc = inprocess_rate(engine, r2_seqs, budget=32 * 32, reps=60)
     with TeacherProcess(OPD_MODEL=model, OPD_BATCHING="false") as t:
         r2_nobatch = asyncio.run(service_rate(t.grpc_url, [[s] for s in r2_seqs], 20))
     figures.update(inprocess_tok_s=ip, grpc_tok_s=g, http_tok_s=h, r2_service=r2_service,

@@ -45,7 +45,7 @@ class Settings(BaseSettings):
 
     # --- batching ---
     max_batch_tokens: int = Field(16_384, ge=16, description="Token budget of one engine batch (padded tokens).")
-    batch_wait_ms: float = Field(2.0, ge=0, le=1000, description="How long a non-full batch waits for more requests.")
+    batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="How long a non-full batch waits, from its first request, for more (a burst of small concurrent requests then becomes one batch; measured in bench/scoring.py R2).")
     batching: bool = Field(True, description="Merge concurrent requests into batches (off only to measure its effect).")
 
     # --- lifecycle ---

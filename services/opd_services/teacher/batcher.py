@@ -60,7 +60,7 @@ WINDOW_BATCHES = 4   # how far past the anchor's tag (in batches of virtual time
 
 
 class Batcher:
-    def __init__(self, engine: Engine, *, max_batch_tokens: int = 16_384, batch_wait_ms: float = 2.0,
+    def __init__(self, engine: Engine, *, max_batch_tokens: int = 16_384, batch_wait_ms: float = 5.0,
                  batching: bool = True, on_engine_time: Callable[[str, float], None] | None = None):
         self.engine = engine
         self.max_batch_tokens = max_batch_tokens
