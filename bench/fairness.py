@@ -72,7 +72,7 @@ def p99(xs: list[float]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=40, help="length of the saturated phase")
-    ap.add_argument("--batch-tokens", type=int, default=1024, help="OPD_MAX_BATCH_TOKENS of the teacher")
+    ap.add_argument("--batch-tokens", type=int, default=256, help="OPD_MAX_BATCH_TOKENS of the teacher (bounds how long a light request waits behind a batch)")
     ap.add_argument("--streams", type=int, default=6, help="requests in flight per heavy experiment")
     args = ap.parse_args()
     model = str(cached_random_llama(CACHE, BENCH_MODEL, prefix="bench"))
