@@ -46,6 +46,14 @@ def _status(err: Exception) -> tuple[grpc.StatusCode, str, tuple]:
     return grpc.StatusCode.INTERNAL, f"internal error (request_id {rid}); see the teacher's log", (("opd-request-id", rid),)
 
 
+def _parse(message_cls, raw: bytes):
+    """Deserialise here, not in grpc, so malformed protobuf is INVALID_ARGUMENT naming the body."""
+    try:
+        return message_cls.FromString(raw)
+    except DecodeError as e:
+        raise InvalidRequest("body", f"malformed protobuf {message_cls.__name__}: {e}") from None
+
+
 class TeacherGrpc:
     def __init__(self, service: ScoringService):
         self.service = service
@@ -68,19 +76,13 @@ class TeacherGrpc:
 
     async def score(self, raw: bytes, context) -> pb.ScoreResponse:
         async def call(tenant):
-            try:
-                msg = pb.ScoreRequest.FromString(raw)
-            except DecodeError as e:
-                raise InvalidRequest("body", f"malformed protobuf ScoreRequest: {e}") from None
+            msg = _parse(pb.ScoreRequest, raw)
             return result_proto(await self.service.score(request_from_proto(msg), tenant))
         return await self._unary(f"/{SERVICE}/Score", context, call)
 
     async def generate(self, raw: bytes, context) -> pb.GenerateResponse:
         async def call(tenant):
-            try:
-                msg = pb.GenerateRequest.FromString(raw)
-            except DecodeError as e:
-                raise InvalidRequest("body", f"malformed protobuf GenerateRequest: {e}") from None
+            msg = _parse(pb.GenerateRequest, raw)
             return generate_proto(await self.service.generate(generate_from_proto(msg), tenant))
         return await self._unary(f"/{SERVICE}/Generate", context, call)
 
