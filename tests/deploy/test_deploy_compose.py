@@ -5,7 +5,6 @@ teacher behind their profiles, Prometheus and Grafana wired to monitoring/."""
 from __future__ import annotations
 
 import itertools
-import shutil
 
 import pytest
 

@@ -8,7 +8,6 @@ registry), which is what those processes export."""
 from __future__ import annotations
 
 import httpx
-import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 

@@ -7,7 +7,6 @@ import json
 import re
 import runpy
 
-import pytest
 import yaml
 
 from deploy_helpers import COMPOSE, DASHBOARD, REPO, RULES, dashboard_exprs, require_tool, run

@@ -2,7 +2,6 @@
 reclaiming a dead consumer's entries, corrupt scored entries, bad arguments."""
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
 import textwrap

@@ -6,13 +6,12 @@ import sys
 import time
 import uuid
 
-import grpc
 import httpx
 import numpy as np
 import pytest
 import redis
 
-from opd_client import PermissionDenied, TeacherClient, Unauthenticated
+from opd_client import TeacherClient, Unauthenticated
 from opd_client.queue import RolloutProducer
 from opd_client.types import Rollout
 from opd_services.tenancy.registry import EXPERIMENTS, acl_user
