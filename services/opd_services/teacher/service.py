@@ -226,10 +226,7 @@ class ScoringService:
         _check_vocab("stop_ids", stops, info.vocab_size)
         if req.seed is not None and (not isinstance(req.seed, (int, np.integer)) or not 0 <= req.seed < 2**63):
             raise InvalidRequest("seed", f"must be an integer in [0, 2^63), got {req.seed!r}")
-        if not req.prompts:
-            raise InvalidRequest("prompts", "must hold at least one prompt")
-        if len(req.prompts) > s.max_request_sequences:
-            raise InvalidRequest("prompts", f"{len(req.prompts)} prompts; at most {s.max_request_sequences} per request")
+        _check_count("prompts", req.prompts, s.max_request_sequences, "prompt")
         prompts, total = [], 0
         for i, p in enumerate(req.prompts):
             field = f"prompts[{i}].token_ids"
@@ -257,10 +254,7 @@ class ScoringService:
         t = req.temperature
         if not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
             raise InvalidRequest("temperature", f"must be a finite number > 0, got {t!r}")
-        if not req.sequences:
-            raise InvalidRequest("sequences", "must hold at least one sequence")
-        if len(req.sequences) > s.max_request_sequences:
-            raise InvalidRequest("sequences", f"{len(req.sequences)} sequences; at most {s.max_request_sequences} per request")
+        _check_count("sequences", req.sequences, s.max_request_sequences, "sequence")
         items, total = [], 0
         check = getattr(self.engine, "check", None)   # optional engine hook (engine.py)
         for i, seq in enumerate(req.sequences):
@@ -272,6 +266,13 @@ class ScoringService:
                 raise InvalidRequest("sequences", f"more than {s.max_request_tokens} tokens in one request; split it")
             items.append(item)
         return items
+
+
+def _check_count(field: str, entries: list, most: int, noun: str) -> None:
+    if not entries:
+        raise InvalidRequest(field, f"must hold at least one {noun}")
+    if len(entries) > most:
+        raise InvalidRequest(field, f"{len(entries)} {noun}s; at most {most} per request")
 
 
 def _int_array(field: str, value: Any, ndim: int) -> np.ndarray:
