@@ -29,7 +29,7 @@ from opd_client import AsyncTeacherClient  # noqa: E402
 from opd_client.queue.connection import connect  # noqa: E402
 from opd_services.redis_embed import EmbeddedRedis  # noqa: E402
 from opd_services.teacher.process import TeacherProcess  # noqa: E402
-from opd_services.tasks.checkpoints import BENCH_MODEL, cached_random_llama  # noqa: E402
+from opd_services.modeling.checkpoints import BENCH_MODEL, cached_random_llama  # noqa: E402
 from opd_services.tenancy.registry import Registry  # noqa: E402
 
 CACHE = Path(os.environ.get("OPD_CACHE_DIR", Path.home() / ".cache/opd"))

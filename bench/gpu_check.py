@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from opd_services.tasks.checkpoints import LlamaShape, cached_random_llama
-from opd_services.teacher.engine import ScoreItem
+from opd_services.modeling.checkpoints import LlamaShape, cached_random_llama
+from opd_services.teacher.engines.base import ScoreItem
 
 # Qwen2.5-0.5B's shape (untied head here: ~0.63B parameters)
 QWEN_05B = LlamaShape(151_936, 896, 24, 14, 2, 4864, 4096)
@@ -51,7 +51,7 @@ def main() -> None:
     model = str(cached_random_llama(args.cache, QWEN_05B, prefix="gpu-check"))
     print(f"model {model} ready in {time.perf_counter() - t0:.0f}s")
     fig, res = {}, {}
-    from opd_services.teacher.torch_engine import TorchEngine
+    from opd_services.teacher.engines.torch_engine import TorchEngine
     eng = TorchEngine(model, device="cuda", dtype="bfloat16", max_top_k=20)
     for k in KS:
         fig[f"torch/k{k}"], res[f"torch/k{k}"] = rate(eng, items(args.n, k), 16, args.reps)
@@ -59,7 +59,7 @@ def main() -> None:
     del eng
     gc.collect()
     torch.cuda.empty_cache()
-    from opd_services.teacher.vllm_engine import VllmEngine
+    from opd_services.teacher.engines.vllm_engine import VllmEngine
     eng = VllmEngine(model, dtype="bfloat16", max_top_k=20, engine_args={"gpu_memory_utilization": 0.8})
     print(f"vllm engine: span-only scoring {'on' if eng.span else 'off'} (V2 model runner)")
     try:

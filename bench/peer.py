@@ -34,15 +34,24 @@ import orjson
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 from opd_client import AsyncTeacherClient, Sequence  # noqa: E402
-from opd_services.tasks.checkpoints import BENCH_MODEL, cached_random_llama  # noqa: E402
-from opd_services.teacher.engine import ScoreItem  # noqa: E402
-from opd_services.teacher.vllm_engine import CPU_ENV_DEFAULTS  # noqa: E402
+from opd_services.modeling.checkpoints import BENCH_MODEL, cached_random_llama  # noqa: E402
+from opd_services.teacher.engines.base import ScoreItem  # noqa: E402
+from opd_services.teacher.engines.vllm_engine import CPU_ENV_DEFAULTS  # noqa: E402
 
 CACHE = Path(os.environ.get("OPD_CACHE_DIR", Path.home() / ".cache/opd"))
 LOGS = Path(os.environ.get("PEER_LOGS", "/tmp/opd-peer-bench"))
 STREAMS, PER_REQ, LENGTH = 16, 8, 256
 KS = (0, 5)
 
+
+
+def load_vllm_peer():
+    """bench/vllm_peer.py by path (bench/ is kept off sys.path: bench/queue.py shadows the stdlib)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_vllm_peer", Path(__file__).with_name("vllm_peer.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -157,7 +166,7 @@ def run_served(url_http: str, url_grpc: str | None, model: str, reqs, rounds: in
 
 def run_inprocess_vllm(model: str, reqs, rounds: int, fig: dict) -> None:
     from vllm import SamplingParams, TokensPrompt
-    from opd_services.teacher.vllm_engine import VllmEngine
+    from opd_services.teacher.engines.vllm_engine import VllmEngine
     engine = VllmEngine(model, dtype="float32", max_top_k=20)
     flat = [s for r in reqs for s in r]
     try:
@@ -187,7 +196,7 @@ def run_inprocess_vllm(model: str, reqs, rounds: int, fig: dict) -> None:
 
 
 def run_inprocess_torch(model: str, reqs, rounds: int, fig: dict) -> None:
-    from opd_services.teacher.torch_engine import TorchEngine
+    from opd_services.teacher.engines.torch_engine import TorchEngine
     engine = TorchEngine(model, device="cpu", dtype="float32")
     flat = [s for r in reqs for s in r]
     per = 16_384 // LENGTH
@@ -244,7 +253,7 @@ def main() -> None:
     print(f"bench model: {model}\nwork: {STREAMS} streams x {PER_REQ} x {LENGTH} tokens, rounds {args.rounds}",
           flush=True)
     fig: dict = {}
-    from opd_services.teacher.vllm_peer import VllmServe
+    VllmServe = load_vllm_peer().VllmServe
     if not args.skip_peer:
         with VllmServe(model, free_port(), served_name=name, log_path=LOGS / "vllm-serve.log") as srv:
             run_served(srv.url, None, name, reqs, args.rounds, "vllm-serve", fig)

@@ -2,7 +2,7 @@
 
   Q1  queue overhead: rollouts/s end to end (producer -> Redis -> scorer -> teacher -> Redis
       -> consumer) vs the same teacher scoring the same rollouts directly; target ratio >= 0.9.
-      Teacher: BENCH_MODEL (tasks/checkpoints.py), torch engine, 256-token rollouts.
+      Teacher: BENCH_MODEL (modeling/checkpoints.py), torch engine, 256-token rollouts.
   Q2  queue alone: the same flow over the uniform engine (scoring cost ~0); target >= 8,000/s.
   Q3  payload: bytes per scored token held in Redis, binary codec vs a JSON encoding.
 
@@ -133,7 +133,7 @@ def direct(teacher_url: str, n: int, vocab: int, *, concurrency: int, batch: int
 # ---- the three figures ------------------------------------------------------------------------
 
 def q1(redis_url: str, args) -> None:
-    from opd_services.tasks.checkpoints import BENCH_MODEL, cached_random_llama
+    from opd_services.modeling.checkpoints import BENCH_MODEL, cached_random_llama
     from opd_services.config import Settings
     path = cached_random_llama(Settings().cache_dir, BENCH_MODEL, prefix="bench-model")
     port = free_port()

@@ -29,9 +29,9 @@ import torch
 
 from opd_client import AsyncTeacherClient, Sequence  # noqa: E402
 from opd_services.teacher.process import TeacherProcess  # noqa: E402
-from opd_services.tasks.checkpoints import BENCH_MODEL, cached_random_llama  # noqa: E402
-from opd_services.teacher.engine import ScoreItem  # noqa: E402
-from opd_services.teacher.torch_engine import TorchEngine  # noqa: E402
+from opd_services.modeling.checkpoints import BENCH_MODEL, cached_random_llama  # noqa: E402
+from opd_services.teacher.engines.base import ScoreItem  # noqa: E402
+from opd_services.teacher.engines.torch_engine import TorchEngine  # noqa: E402
 
 CACHE = Path(os.environ.get("OPD_CACHE_DIR", Path.home() / ".cache/opd"))
 BUDGET = 16_384   # the service's default max_batch_tokens, used in-process too

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from opd_services.config import Settings
-from opd_services.tasks.checkpoints import TINY, build_random_llama
+from opd_services.modeling.checkpoints import TINY, build_random_llama
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@
 Every error is an `OPDError`; each also inherits the matching builtin, so callers that
 know nothing of OPD can still catch `ValueError`, `ConnectionError`, and so on. This module
 only defines errors; mapping them to HTTP status codes and gRPC codes happens once per
-surface (see `opd_services.teacher.http` and `.grpc`).
+surface (see `opd_services.teacher.surfaces.http` and `.grpc`).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Client-side encoding of score requests and decoding of responses, for HTTP JSON and gRPC.
 
-The server's side of the same contract lives in `opd_services.teacher.protocol`; a test
+The server's side of the same contract lives in `opd_services.teacher.surfaces.protocol`; a test
 holds the two to the same numbers. Nothing here does I/O.
 """
 from __future__ import annotations

@@ -13,7 +13,7 @@ import yaml
 from deploy_helpers import (OVERLAYS, REPO, compose, compose_value, containers, env_of, find, raw_k8s_docs,
                             render)
 from opd_services.config import Settings
-from opd_services.teacher.http import ROUTES
+from opd_services.teacher.server import HTTP_ROUTES as ROUTES
 
 # Settings fields that the scorer and trainer issues add (names agreed with them). Until their
 # branches land, these names are checked against this table instead of Settings; once a field

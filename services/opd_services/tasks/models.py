@@ -26,7 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from opd_services.tasks.addition import DEFAULT_TASK, TOKENIZER, VOCAB_SIZE
-from opd_services.tasks.checkpoints import LlamaShape, llama_config, save_atomically
+from opd_services.modeling.checkpoints import LlamaShape, llama_config, save_atomically
 from opd_services.tasks.train import SFTRecipe, eval_operands, exact_match, sft_train
 
 VERSIONS = {"teacher": 2, "student": 3}    # bump one when its recipe changes: it is built anew

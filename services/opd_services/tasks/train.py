@@ -11,9 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from opd_services.sampling import sample
+from opd_services.modeling.sampling import SampleParams, sample
 from opd_services.tasks.addition import EOS, AdditionTask
-from opd_services.teacher.engine import SampleParams
 
 
 @dataclass(frozen=True)

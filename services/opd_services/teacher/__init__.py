@@ -1,1 +1,2 @@
-"""The teacher: engines, the batcher, ScoringService, and its HTTP and gRPC surfaces."""
+"""The teacher: the core (ScoringService, batcher) between engines/ (what scores) and surfaces/
+(who speaks to it); server.py wires the core to its surfaces."""

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 from opd_services import metrics
 from opd_services.errors import Unavailable
-from opd_services.teacher.engine import Engine, ItemScores, ScoreItem
+from opd_services.teacher.engines.base import Engine, ItemScores, ScoreItem
 
 log = logging.getLogger(__name__)
 

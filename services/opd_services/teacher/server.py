@@ -21,15 +21,29 @@ import uvicorn
 
 from opd_services.config import Settings
 from opd_services.errors import Unavailable
-from opd_services.teacher.engine import Engine
 from opd_services.teacher.engines import engine_factory
-from opd_services.teacher.grpc import create_server
-from opd_services.teacher.http import create_app
+from opd_services.teacher.engines.base import Engine
 from opd_services.teacher.service import ScoringService
+from opd_services.teacher.surfaces import http
+from opd_services.teacher.surfaces.admin_http import admin_router
+from opd_services.teacher.surfaces.common import BodyLimit, Observe, tenant_dependency
+from opd_services.teacher.surfaces.dialects import vllm
+from opd_services.teacher.surfaces.grpc import create_server
 from opd_services.tenancy.auth import Authenticator, UsageRecorder
 from opd_services.tenancy.registry import Registry
 
 log = logging.getLogger(__name__)
+# Every HTTP route, as the request metrics label it (admin routes are labelled by prefix).
+HTTP_ROUTES = http.ROUTES | vllm.ROUTES | {"/v1/admin/experiments"}
+
+
+def http_app(service: ScoringService, max_body_bytes: int, registry: Registry | None):
+    """The one HTTP app: native routes, then admin (with a registry) and the dialects, on one port."""
+    app = http.create_app(service)
+    if registry is not None:
+        app.include_router(admin_router(registry, tenant_dependency(service)))
+    vllm.mount(app, service)
+    return Observe(BodyLimit(app, max_body_bytes), HTTP_ROUTES)
 
 
 class _Uvicorn(uvicorn.Server):
@@ -103,7 +117,7 @@ class TeacherServer:
         await self._grpc.start()
         sock = _bind(s.host, s.http_port)
         self.http_port = sock.getsockname()[1]
-        app = create_app(self.service, s.max_body_bytes, self._registry)
+        app = http_app(self.service, s.max_body_bytes, self._registry)
         config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
                                 timeout_graceful_shutdown=int(s.drain_timeout_s) or None)
         self._uvicorn = _Uvicorn(config)

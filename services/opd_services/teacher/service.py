@@ -21,7 +21,7 @@ from opd_services import metrics
 from opd_services.config import Settings
 from opd_services.errors import InvalidRequest, ResourceExhausted, Unavailable
 from opd_services.teacher.batcher import Batcher
-from opd_services.teacher.engine import Engine, GenerateItem, ItemScores, Sampled, SampleParams, ScoreItem
+from opd_services.teacher.engines.base import Engine, GenerateItem, ItemScores, Sampled, SampleParams, ScoreItem
 from opd_services.tenancy.auth import DEFAULT, Authenticator, Tenant, UsageRecorder
 
 log = logging.getLogger(__name__)

@@ -15,9 +15,8 @@ import numpy as np
 
 from opd_client import Sequence, TeacherClient
 from opd_client.types import Rollout, ScoredRollout
-from opd_services.sampling import sample
+from opd_services.modeling.sampling import SampleParams, sample
 from opd_services.tasks.addition import EOS, AdditionTask
-from opd_services.teacher.engine import SampleParams
 
 
 def sample_rollouts(model, task: AdditionTask, operands: np.ndarray, *, version: int, temperature: float,

@@ -72,7 +72,7 @@ def test_demo_checkpoints_meet_the_issue_targets(cache_dir):
 
 
 def test_builder_trains_and_writes_an_hf_checkpoint(tmp_path):
-    from opd_services.tasks.checkpoints import LlamaShape
+    from opd_services.modeling.checkpoints import LlamaShape
     path = build_trained(tmp_path / "m", LlamaShape(64, 16, 1, 1, 1, 32, 64), SFTRecipe(steps=3, batch=8), "test build")
     info = json.loads((path / "opd_build.json").read_text())
     assert info["recipe"]["steps"] == 3 and 0.0 <= info["eval_exact_match"] <= 1.0

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from opd_services.teacher.batcher import Batcher
-from opd_services.teacher.engine import ScoreItem
-from opd_services.teacher.uniform_engine import UniformEngine
+from opd_services.teacher.engines.base import ScoreItem
+from opd_services.teacher.engines.uniform_engine import UniformEngine
 
 
 class Recording(UniformEngine):

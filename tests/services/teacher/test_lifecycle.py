@@ -15,9 +15,9 @@ import pytest
 from opd_client import Sequence, TeacherClient
 from opd_services.config import Settings
 from opd_services.errors import ConfigError
-from opd_services.teacher.engine import ItemScores
+from opd_services.teacher.engines.base import ItemScores
 from opd_services.teacher.server import BackgroundTeacher
-from opd_services.teacher.uniform_engine import UniformEngine
+from opd_services.teacher.engines.uniform_engine import UniformEngine
 
 
 class SlowEngine(UniformEngine):

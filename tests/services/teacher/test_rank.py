@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from opd_services.teacher.engine import ScoreItem
-from opd_services.teacher.torch_engine import TorchEngine, _rank
+from opd_services.teacher.engines.base import ScoreItem
+from opd_services.teacher.engines.torch_engine import TorchEngine, _rank
 
 
 @pytest.mark.parametrize("k", [0, 1, 3, 20])

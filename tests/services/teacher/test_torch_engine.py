@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from opd_services.teacher.engine import ScoreItem
-from opd_services.teacher.torch_engine import TorchEngine
+from opd_services.teacher.engines.base import ScoreItem
+from opd_services.teacher.engines.torch_engine import TorchEngine
 
 TOL = 1e-4
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from opd_services.config import Settings
-from opd_services.teacher.uniform_engine import UniformEngine
+from opd_services.teacher.engines.uniform_engine import UniformEngine
 
 ADMIN_KEY = "admin-test-key-0123456789"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from opd_services.tasks.addition import VOCAB_SIZE
-from opd_services.tasks.checkpoints import LlamaShape, build_random_llama
+from opd_services.modeling.checkpoints import LlamaShape, build_random_llama
 
 
 @pytest.fixture(scope="session")

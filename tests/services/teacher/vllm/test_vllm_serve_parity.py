@@ -8,13 +8,19 @@ import httpx
 import pytest
 
 pytestmark = pytest.mark.vllm
-# values that differ by nature (ids, clocks, fingerprints) or by design (we sample no token: see README)
+# values that differ by nature (ids, clocks, fingerprints) or by design (we sample no token: see docs/vllm.md)
 VOLATILE = {"id", "created", "system_fingerprint", "completion_tokens", "total_tokens", "token_ids"}
 
 
 @pytest.fixture(scope="module")
 def vllm_serve(vllm_ok, vllm_model, tmp_path_factory):
-    from opd_services.teacher.vllm_peer import VllmServe
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).parents[4] / "bench" / "vllm_peer.py"   # the peer wrapper is bench code
+    spec = importlib.util.spec_from_file_location("bench_vllm_peer", path)
+    peer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peer)
+    VllmServe = peer.VllmServe
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

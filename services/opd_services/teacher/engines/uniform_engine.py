@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from opd_client.types import ModelInfo
-from opd_services.teacher.engine import GenerateItem, ItemScores, Sampled, ScoreItem
+from opd_services.teacher.engines.base import GenerateItem, ItemScores, Sampled, ScoreItem
 
 
 class UniformEngine:

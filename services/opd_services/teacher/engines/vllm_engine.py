@@ -32,7 +32,7 @@ import numpy as np
 
 from opd_client.types import ModelInfo
 from opd_services.errors import ConfigError, InvalidRequest
-from opd_services.teacher.engine import ItemScores, ScoreItem, revision_hash
+from opd_services.teacher.engines.base import ItemScores, ScoreItem, revision_hash
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from opd_client.types import ModelInfo
+from opd_services.modeling.sampling import Sampled, SampleParams  # noqa: F401  (part of the engine protocol)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,23 +50,6 @@ class ItemScores:
     candidate_logprobs_T_C: np.ndarray | None = None  # float32 [T, C]
     entropy_T: np.ndarray | None = None             # float32 [T]
     rank_T: np.ndarray | None = None                # int64 [T]: 1 + #(vocab logprobs > the actual token's)
-
-
-@dataclass(frozen=True, slots=True)
-class SampleParams:
-    max_tokens: int
-    temperature: float = 1.0            # 0 = greedy
-    stop_ids: tuple[int, ...] = ()
-    seed: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Sampled:
-    """One sampled completion; the stop id, when one ended it, is its last token."""
-
-    token_ids_T: np.ndarray        # int64 [T], T <= max_tokens
-    logprobs_T: np.ndarray         # float32 [T], of the distribution sampled from
-    finish_reason: str             # "stop" | "length"
 
 
 @dataclass(frozen=True, slots=True)

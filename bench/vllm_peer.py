@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from opd_services.teacher.vllm_engine import CPU_ENV_DEFAULTS
+from opd_services.teacher.engines.vllm_engine import CPU_ENV_DEFAULTS
 
 
 class VllmServe:

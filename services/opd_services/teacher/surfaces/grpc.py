@@ -19,7 +19,7 @@ from opd_client._proto.opd.teacher.v1 import teacher_pb2 as pb
 from opd_services import metrics
 from opd_services.errors import (InvalidRequest, OPDError, PermissionDenied, ResourceExhausted,
                                  Unauthenticated, Unavailable)
-from opd_services.teacher.protocol import (generate_from_proto, generate_proto, model_proto, request_from_proto,
+from opd_services.teacher.surfaces.protocol import (generate_from_proto, generate_proto, model_proto, request_from_proto,
                                            result_proto)
 from opd_services.teacher.service import ScoringService
 

@@ -8,7 +8,7 @@ How it scores a batch:
   4) split the rows back per sequence.
 The full [batch, length, vocab] logits tensor is never built. Causal attention means right
 padding cannot change any real position's result.
-Generation (`generate`) is delegated to opd_services.sampling (KV-cached, left-padded).
+Generation (`generate`) is delegated to opd_services.modeling.sampling (KV-cached, left-padded).
 This module does not validate requests, batch them, or know about any wire format.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from opd_client.types import ModelInfo
-from opd_services.teacher.engine import GenerateItem, ItemScores, Sampled, ScoreItem, revision_hash
+from opd_services.teacher.engines.base import GenerateItem, ItemScores, Sampled, ScoreItem, revision_hash
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class TorchEngine:
         self.model = self.body = self.head = None
 
     def generate(self, item: GenerateItem) -> list[Sampled]:
-        from opd_services.sampling import sample
+        from opd_services.modeling.sampling import sample
         return sample(self.model, item.prompts, item.params)
 
     @torch.inference_mode()

@@ -11,10 +11,27 @@ This module does not validate input (callers do) and knows nothing of requests o
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
-from opd_services.teacher.engine import Sampled, SampleParams
+
+@dataclass(frozen=True, slots=True)
+class SampleParams:
+    max_tokens: int
+    temperature: float = 1.0            # 0 = greedy
+    stop_ids: tuple[int, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Sampled:
+    """One sampled completion; the stop id, when one ended it, is its last token."""
+
+    token_ids_T: np.ndarray        # int64 [T], T <= max_tokens
+    logprobs_T: np.ndarray         # float32 [T], of the distribution sampled from
+    finish_reason: str             # "stop" | "length"
 
 
 def _left_pad(prompts: list[np.ndarray], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,8 @@
-"""Native HTTP surface (FastAPI): parse, call ScoringService, map the result. Nothing else.
+"""What every HTTP surface shares: the one mapping of errors to status codes, JSON responses,
+the tenant dependency, and the ASGI middleware (body limit, request metrics).
 
-Routes: POST /v1/score, POST /v1/generate, GET /v1/model, GET /healthz, GET /readyz, GET /metrics,
-OpenAPI at /docs; the vLLM dialect's routes are mounted on the same app by vllm_compat.py.
-Errors are mapped to status codes here and only here (`error_response`).
+Errors are mapped to HTTP status codes here and only here (`error_status`); a dialect renders
+the same status in its own protocol's body shape. This module knows no routes of its own.
 """
 from __future__ import annotations
 
@@ -11,22 +11,15 @@ import time
 import uuid
 
 import orjson
-from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import Request
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from opd_services import metrics
 from opd_services.errors import (InvalidRequest, OPDError, PayloadTooLarge, PermissionDenied,
                                  ResourceExhausted, Unauthenticated, Unavailable)
-from opd_services.teacher.protocol import (GenerateRequestJSON, GenerateResponseJSON, ModelJSON, ScoreRequestJSON,
-                                           ScoreResponseJSON, generate_json, result_json)
-from opd_services.teacher.service import ScoringService
 from opd_services.tenancy.auth import Tenant
 
 log = logging.getLogger(__name__)
-ROUTES = {"/v1/score", "/v1/generate", "/v1/model", "/healthz", "/readyz", "/metrics", "/v1/admin/experiments",
-          "/health", "/v1/models", "/v1/completions"}   # the last three: the vLLM dialect (vllm_compat.py)
 
 
 def json_response(body, status: int = 200, headers: dict | None = None) -> Response:
@@ -63,7 +56,7 @@ def error_response(err: Exception) -> Response:
     return json_response({"error": body}, status, headers)
 
 
-def _loc_field(loc: tuple) -> str:
+def loc_field(loc: tuple) -> str:
     parts = [p for p in loc if p != "body"]
     out = ""
     for p in parts:
@@ -71,80 +64,29 @@ def _loc_field(loc: tuple) -> str:
     return out or "body"
 
 
-def create_app(service: ScoringService, max_body_bytes: int, registry=None) -> FastAPI:
-    app = FastAPI(title="OPD Teacher", version="1",
-                  description="Teacher-as-a-service for on-policy distillation: per-token teacher logprobs.")
+def tenant_dependency(service):
+    """A FastAPI dependency: the caller's experiment from `Authorization: Bearer`, labelled on the request."""
 
     async def tenant(request: Request) -> Tenant:
         t = await service.authenticate(request.headers.get("authorization"))
         request.state.experiment = t.name
         return t
-
-    @app.exception_handler(OPDError)
-    async def _opd_error(request: Request, err: OPDError):
-        return error_response(err)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, err: RequestValidationError):
-        first = err.errors()[0] if err.errors() else {"loc": ("body",), "msg": "invalid request"}
-        field = _loc_field(tuple(first.get("loc", ())))
-        reason = first.get("msg", "invalid")
-        if first.get("type") == "json_invalid":
-            field, reason = "body", f"malformed JSON: {first.get('ctx', {}).get('error', reason)}"
-        return error_response(InvalidRequest(field, reason))
-
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, err: Exception):
-        return error_response(err)
-
-    @app.post("/v1/score", response_model=None, responses={200: {"model": ScoreResponseJSON}})
-    async def score(body: ScoreRequestJSON, who: Tenant = Depends(tenant)):
-        result = await service.score(body.to_request(), who)
-        return json_response(result_json(result))
-
-    @app.post("/v1/generate", response_model=None, responses={200: {"model": GenerateResponseJSON}})
-    async def generate(body: GenerateRequestJSON, who: Tenant = Depends(tenant)):
-        result = await service.generate(body.to_request(), who)
-        return json_response(generate_json(result))
-
-    @app.get("/v1/model", response_model=ModelJSON)
-    async def model(who: Tenant = Depends(tenant)):
-        return json_response(service.model_info().to_dict())
-
-    @app.get("/healthz")
-    async def healthz():
-        return json_response({"status": "alive"})
-
-    @app.get("/readyz")
-    async def readyz():
-        if not service.ready:
-            return json_response({"status": "draining" if service.draining else "loading"}, 503)
-        return json_response({"status": "ready"})
-
-    @app.get("/metrics")
-    async def prometheus():
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
-
-    if registry is not None:
-        from opd_services.teacher.admin_http import admin_router
-        app.include_router(admin_router(registry, tenant))
-    from opd_services.teacher import vllm_compat
-    vllm_compat.mount(app, service)
-    return Observe(BodyLimit(app, max_body_bytes))
+    return tenant
 
 
 class Observe:
     """ASGI middleware: request count and latency per route and status code."""
 
-    def __init__(self, app):
+    def __init__(self, app, routes: set[str]):
         self.app = app
+        self.routes = routes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         scope.setdefault("state", {})["experiment"] = "default"
         path = scope["path"]
-        route = path if path in ROUTES else ("/v1/admin/experiments" if path.startswith("/v1/admin/") else
+        route = path if path in self.routes else ("/v1/admin/experiments" if path.startswith("/v1/admin/") else
                                             "/v1/experiments" if path.startswith("/v1/experiments/") else "other")
         status = [500]
         t0 = time.perf_counter()
