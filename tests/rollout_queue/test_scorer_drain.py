@@ -99,3 +99,18 @@ def test_sigterm_mid_batch_with_the_teacher_down_releases_the_batch(redis_url, e
         got += drain_scored(redis_url, exp, 10 ** 9, timeout_s=0.5)
     assert time.monotonic() - t0 < 15
     assert_each_scored_once(redis_url, exp, got, rollouts)
+
+
+def test_sigterm_mid_batch_with_the_teacher_slower_than_the_drain_releases_the_batch(redis_url, exp, slow_teacher):
+    rollouts = make_rollouts(50, length=24, score_from=4)
+    with RolloutProducer(redis_url, exp) as q:
+        q.push(rollouts)
+    proc = scorer_process(redis_url, slow_teacher.grpc_url, drain_s=0.3)       # the teacher takes 1.5 s
+    t0 = time.monotonic()
+    log = sigterm_while_holding(proc, connect(redis_url), exp, 50, wait_s=15)
+    assert "released 50 rollout(s)" in log, log[-2000:]
+    with running_scorer(redis_url, slow_teacher.grpc_url, queue_reclaim_idle_s=60):
+        got = drain_scored(redis_url, exp, 50, timeout_s=15)
+        got += drain_scored(redis_url, exp, 10 ** 9, timeout_s=0.5)
+    assert time.monotonic() - t0 < 30
+    assert_each_scored_once(redis_url, exp, got, rollouts)
