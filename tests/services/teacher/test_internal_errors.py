@@ -4,10 +4,13 @@ INTERNAL with a request id and no stack trace or exception text; the id is in th
 log next to the traceback; the teacher keeps serving."""
 from __future__ import annotations
 
+import http.client
 import logging
+import time
 
 import grpc
 import httpx
+import orjson
 import pytest
 
 from opd_client import Sequence, TeacherClient
@@ -54,6 +57,23 @@ def test_http_internal_error_is_500_with_a_request_id_and_no_stack_trace(faulty,
         assert e.value.request_id and e.value.request_id in caplog.text
         _no_leak(str(e.value))
         assert c.score([[1, 2, 3]]).results[0].logprobs_T.shape == (2,)          # still serving
+
+
+def test_http_connection_stays_usable_after_a_500(faulty):
+    """The 500 is a complete answer: the server keeps the keep-alive connection, so a client's
+    next request on it is served (a close there would reset whoever reused it first)."""
+    host, port = faulty.http_url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        for token, status in ((13, 500), (1, 200), (13, 500), (1, 200)):
+            conn.request("POST", "/v1/score", body=orjson.dumps({"sequences": [{"token_ids": [token, 2, 3]}]}),
+                         headers={"content-type": "application/json"})
+            r = conn.getresponse()
+            r.read()
+            assert r.status == status and r.getheader("connection") != "close"
+            time.sleep(0.3)                                   # a server closing the connection has done so now
+    finally:
+        conn.close()
 
 
 def test_grpc_internal_error_is_INTERNAL_with_a_request_id_and_no_stack_trace(faulty, caplog):
