@@ -19,6 +19,8 @@ import logging
 import random
 import threading
 import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 
 from redis.exceptions import RedisError, ResponseError
 
@@ -171,23 +173,20 @@ class ScorerLoop:
     def _call_teacher(self, items: list[Item], stop: threading.Event) -> list[Outcome] | None:
         """score_items on a helper thread, so a stop can give up on a teacher slower than the drain:
         None then (the late answer is dropped; the caller releases the batch)."""
-        box: dict = {}
-        done = threading.Event()
+        answer: Future[list[Outcome]] = Future()
 
         def call() -> None:
             try:
-                box["out"] = score_items(self.teacher, items)
-            except BaseException as e:  # handed to the loop's thread below
-                box["err"] = e
-            finally:
-                done.set()
+                answer.set_result(score_items(self.teacher, items))
+            except BaseException as e:  # raised again in the loop's thread by answer.result()
+                answer.set_exception(e)
         threading.Thread(target=call, name=f"{self.consumer}-teacher", daemon=True).start()
-        while not done.wait(0.05):
-            if self._past_drain(stop):
-                return None
-        if "err" in box:
-            raise box["err"]
-        return box["out"]
+        while True:
+            try:
+                return answer.result(timeout=0.05)
+            except FutureTimeout:
+                if self._past_drain(stop):
+                    return None
 
     def _touch(self, exp: str, items: list[Item]) -> None:
         try:
