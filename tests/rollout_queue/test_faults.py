@@ -63,7 +63,9 @@ def _kill_while_holding_work(victim: subprocess.Popen, redis, exp: str) -> list[
             victim.wait(5)
             return held
         victim.send_signal(signal.SIGCONT)
-        assert time.monotonic() < deadline, "the scorer never held pending rollouts to kill it on"
+        if time.monotonic() > deadline:
+            victim.kill()
+            pytest.fail("the scorer never held pending rollouts to kill it on")
         time.sleep(0.05)
 
 
@@ -87,13 +89,17 @@ def test_kill_9_a_scorer_5_times_while_5000_rollouts_flow_every_one_scored_exact
     start = lambda: (lambda port: (_scorer_process(redis_url, uniform_teacher.grpc_url, port), port))(free_port())
     procs = [start(), start()]
     pushed: list[str] = []
+    kills_done = threading.Event()
 
     def produce():
+        """100 rollouts every 0.2 s until the 5 kills are done (every kill lands mid-flow) and 5000 went."""
         with RolloutProducer(redis_url, exp) as q:
-            for i in range(0, total, chunk):
+            i = 0
+            while i < total or not kills_done.is_set():
                 q.push(make_rollouts(chunk, length=24, score_from=4, prefix=f"k{i}-", seed=i))
                 pushed.extend(f"k{i}-{j}" for j in range(chunk))
-                time.sleep(0.4)           # ~20 s of flow: every kill lands while rollouts flow
+                i += chunk
+                time.sleep(0.2)
 
     producer = threading.Thread(target=produce)
     reclaimed, kills = 0.0, []
@@ -108,11 +114,12 @@ def test_kill_9_a_scorer_5_times_while_5000_rollouts_flow_every_one_scored_exact
             procs.append(start())
             _wait_reclaimed(redis, exp, victim.pid, held)
             kills.append(len(held))
-        assert producer.is_alive(), "the flow ended before the kills: they hit idle scorers"
+        kills_done.set()
         producer.join(60)
-        got = drain_scored(redis_url, exp, total, timeout_s=90)
+        got = drain_scored(redis_url, exp, len(pushed), timeout_s=90)
         reclaimed = sum(_reclaimed(_scrape(port)) for _p, port in procs)
     finally:
+        kills_done.set()                  # the producer stops even when a kill failed
         for p, _port in procs:
             p.send_signal(signal.SIGTERM)
         for p, _port in procs:
@@ -121,7 +128,7 @@ def test_kill_9_a_scorer_5_times_while_5000_rollouts_flow_every_one_scored_exact
             except subprocess.TimeoutExpired:
                 p.kill()
     counts = collections.Counter(s.rollout.id for s in got)
-    assert len(pushed) == total
+    assert len(pushed) >= total and not producer.is_alive()
     r = connect(redis_url)
     state = (f"pending {r.xpending(rollouts_key(exp), keys.GROUP_SCORERS)}, "
              f"scorer exit codes {[p.returncode for p, _ in procs]}")
