@@ -37,9 +37,9 @@ test: $(STAMP) tools
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # Validators for tests/deploy that are not Python packages: promtool (Debian `prometheus`) and
-# docker-compose, installed with apt-get when missing and running as root (CI); otherwise, and
-# if apt fails, their tests skip saying how. kubectl (its embedded kustomize renders k8s/) comes
-# with the machine image; Debian's kubernetes-client (1.20, kustomize v2) is too old for
+# docker-compose, installed with apt-get when missing and running as root; otherwise, and if apt
+# fails, their tests skip saying how, except in CI (`CI` set), where this target and those tests
+# fail. kubectl (its embedded kustomize renders k8s/) comes with the machine image; Debian's kubernetes-client (1.20, kustomize v2) is too old for
 # kustomize components, so it is not a fallback.
 TOOLS_APT := $(if $(shell command -v promtool),,prometheus) \
              $(if $(shell command -v docker-compose),,docker-compose)
@@ -48,8 +48,10 @@ tools:
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing deploy validators: $(strip $(TOOLS_APT))"; \
 	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	        $(strip $(TOOLS_APT)) >/dev/null; } || echo "WARNING: apt-get failed; tests/deploy will skip what needs them"; \
-	  else echo "NOTE: missing $(strip $(TOOLS_APT)) (apt-get install them as root); tests/deploy will skip what needs them"; fi; \
+	        $(strip $(TOOLS_APT)) >/dev/null; } || { [ -n "$$CI" ] && { echo "make tools: apt-get install $(strip $(TOOLS_APT)) failed (CI runs the deploy validators)"; exit 1; }; \
+	        echo "WARNING: apt-get failed; tests/deploy will skip what needs them"; }; \
+	  else [ -n "$$CI" ] && { echo "make tools: missing $(strip $(TOOLS_APT)); run as root to apt-get install them (CI runs the deploy validators)"; exit 1; }; \
+	    echo "NOTE: missing $(strip $(TOOLS_APT)) (apt-get install them as root); tests/deploy will skip what needs them"; fi; \
 	fi
 
 serve: $(STAMP)

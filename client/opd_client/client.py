@@ -72,6 +72,14 @@ def _parse_url(url: str) -> tuple[str, str]:
 
 # ---- error mapping: wire -> OPDError (the inverse of the server's one place) -------------
 
+def _retry_after(value: str | None) -> float | None:
+    """The server's Retry-After (header or trailer) in seconds; None when it sent none (or a date)."""
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
 def _http_error(resp: httpx.Response) -> OPDError:
     try:
         err = resp.json().get("error", {})
@@ -83,8 +91,7 @@ def _http_error(resp: httpx.Response) -> OPDError:
         cls = PayloadTooLarge if resp.status_code == 413 else InvalidRequest
         return cls(err.get("field", "request"), err.get("reason", msg), request_id=rid)
     if resp.status_code == 429:
-        return ResourceExhausted(msg, retry_after=float(resp.headers.get("retry-after", 1)),
-                                 request_id=rid)
+        return ResourceExhausted(msg, retry_after=_retry_after(resp.headers.get("retry-after")), request_id=rid)
     cls = {401: Unauthenticated, 403: PermissionDenied, 503: Unavailable}.get(resp.status_code)
     cls = cls or BY_CODE.get(err.get("code", ""), InternalError)
     if issubclass(cls, InvalidRequest):
@@ -99,7 +106,7 @@ def _grpc_error(e: grpc.RpcError) -> OPDError:
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidRequest(md.get("opd-field", "request"), md.get("opd-reason", details), request_id=rid)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return ResourceExhausted(details, retry_after=float(md.get("retry-after", 1)), request_id=rid)
+        return ResourceExhausted(details, retry_after=_retry_after(md.get("retry-after")), request_id=rid)
     cls = {grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
            grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
            grpc.StatusCode.UNAVAILABLE: Unavailable}.get(code, InternalError)

@@ -54,11 +54,12 @@ class PermissionDenied(OPDError, PermissionError):
 
 
 class ResourceExhausted(OPDError, RuntimeError):
-    """Over a quota or overloaded; retry after `retry_after` seconds."""
+    """Over a quota or overloaded; retry after `retry_after` seconds. On the client side it is
+    what the server sent (Retry-After header or trailer), None when the server sent none."""
 
     code = "resource_exhausted"
 
-    def __init__(self, message: str, *, retry_after: float = 1.0, **kw):
+    def __init__(self, message: str, *, retry_after: float | None = 1.0, **kw):
         super().__init__(message, **kw)
         self.retry_after = retry_after
 

@@ -29,6 +29,12 @@ def redis_url(request):
 
 
 @pytest.fixture
+def on_cluster(request, redis_url) -> bool:
+    """Whether this run of the suite is the Redis Cluster one (by its parameter, not by detection)."""
+    return request.node.callspec.params["redis_url"] == "cluster"
+
+
+@pytest.fixture
 def exp() -> str:
     return f"t{uuid.uuid4().hex[:10]}"
 

@@ -11,10 +11,11 @@ from opd_client.queue.connection import connect
 
 
 @pytest.fixture
-def cluster(redis_url):
-    r = connect(redis_url)
-    if not isinstance(r, redis.RedisCluster):
+def cluster(redis_url, on_cluster):
+    if not on_cluster:
         pytest.skip("single-node run of the suite")
+    r = connect(redis_url)
+    assert isinstance(r, redis.RedisCluster), f"connect({redis_url!r}) did not detect the cluster: {type(r)}"
     return r
 
 

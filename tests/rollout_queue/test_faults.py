@@ -40,6 +40,43 @@ def _scrape(port: int, timeout_s: float = 30) -> str:
             time.sleep(0.1)
 
 
+def _pending_of(redis, exp: str, pid: int) -> list[str]:
+    """Entry ids pending for the loops of scorer process `pid` (consumers named scorer-HOST-PID-i)."""
+    key = rollouts_key(exp)
+    out = []
+    for c in redis.xpending(key, keys.GROUP_SCORERS)["consumers"]:
+        name = keys.as_str(c["name"])
+        if name.rsplit("-", 2)[-2] == str(pid) and c["pending"]:
+            out += [keys.as_str(e["message_id"]) for e in
+                    redis.xpending_range(key, keys.GROUP_SCORERS, "-", "+", 10_000, consumername=name)]
+    return out
+
+
+def _kill_while_holding_work(victim: subprocess.Popen, redis, exp: str) -> list[str]:
+    """Freeze the victim until a look at XPENDING finds it holding rollouts, then SIGKILL it."""
+    deadline = time.monotonic() + 20
+    while True:
+        victim.send_signal(signal.SIGSTOP)
+        held = _pending_of(redis, exp, victim.pid)
+        if held:
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(5)
+            return held
+        victim.send_signal(signal.SIGCONT)
+        if time.monotonic() > deadline:
+            victim.kill()
+            pytest.fail("the scorer never held pending rollouts to kill it on")
+        time.sleep(0.05)
+
+
+def _wait_reclaimed(redis, exp: str, pid: int, held: list[str]) -> None:
+    """The dead scorer's entries leave it: other scorers reclaimed them (XAUTOCLAIM), nobody else can."""
+    deadline = time.monotonic() + 30
+    while still := set(held) & set(_pending_of(redis, exp, pid)):
+        assert time.monotonic() < deadline, f"{len(still)} of the killed scorer's rollouts never reclaimed"
+        time.sleep(0.1)
+
+
 def _reclaimed(text: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith("opd_queue_reclaimed_total{"))
@@ -52,29 +89,37 @@ def test_kill_9_a_scorer_5_times_while_5000_rollouts_flow_every_one_scored_exact
     start = lambda: (lambda port: (_scorer_process(redis_url, uniform_teacher.grpc_url, port), port))(free_port())
     procs = [start(), start()]
     pushed: list[str] = []
+    kills_done = threading.Event()
 
     def produce():
+        """100 rollouts every 0.2 s until the 5 kills are done (every kill lands mid-flow) and 5000 went."""
         with RolloutProducer(redis_url, exp) as q:
-            for i in range(0, total, chunk):
+            i = 0
+            while i < total or not kills_done.is_set():
                 q.push(make_rollouts(chunk, length=24, score_from=4, prefix=f"k{i}-", seed=i))
                 pushed.extend(f"k{i}-{j}" for j in range(chunk))
-                time.sleep(0.05)
+                i += chunk
+                time.sleep(0.2)
 
     producer = threading.Thread(target=produce)
-    reclaimed = 0.0
+    reclaimed, kills = 0.0, []
     try:
         producer.start()
         assert "opd_queue_scored_total" in _scrape(procs[0][1])   # the scorer's own /metrics port
+        redis = connect(redis_url)
         for _kill in range(5):
             time.sleep(0.5)
             victim, _port = procs.pop(0)
-            victim.send_signal(signal.SIGKILL)
-            victim.wait(5)
+            held = _kill_while_holding_work(victim, redis, exp)      # each kill hits a scorer mid-batch
             procs.append(start())
+            _wait_reclaimed(redis, exp, victim.pid, held)
+            kills.append(len(held))
+        kills_done.set()
         producer.join(60)
-        got = drain_scored(redis_url, exp, total, timeout_s=90)
+        got = drain_scored(redis_url, exp, len(pushed), timeout_s=90)
         reclaimed = sum(_reclaimed(_scrape(port)) for _p, port in procs)
     finally:
+        kills_done.set()                  # the producer stops even when a kill failed
         for p, _port in procs:
             p.send_signal(signal.SIGTERM)
         for p, _port in procs:
@@ -83,14 +128,15 @@ def test_kill_9_a_scorer_5_times_while_5000_rollouts_flow_every_one_scored_exact
             except subprocess.TimeoutExpired:
                 p.kill()
     counts = collections.Counter(s.rollout.id for s in got)
-    assert len(pushed) == total
+    assert len(pushed) >= total and not producer.is_alive()
     r = connect(redis_url)
     state = (f"pending {r.xpending(rollouts_key(exp), keys.GROUP_SCORERS)}, "
              f"scorer exit codes {[p.returncode for p, _ in procs]}")
     assert set(counts) == set(pushed), f"missing {len(set(pushed) - set(counts))}; {state}"
     assert [i for i, n in counts.items() if n > 1] == []
     assert dead_entries(connect(redis_url), exp) == []
-    print(f"reclaimed by survivors: {reclaimed:.0f}")
+    assert len(kills) == 5 and all(n > 0 for n in kills), kills
+    print(f"rollouts held by each killed scorer: {kills}; reclaimed by the last survivors: {reclaimed:.0f}")
 
 
 @pytest.mark.slow

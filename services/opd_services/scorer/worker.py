@@ -9,7 +9,8 @@ Each `ScorerLoop` is one consumer of the `scorers` group on every `opd:{EXP}:rol
      backoff for as long as it takes; a rollout the teacher refuses becomes a dead letter;
   4) publish + ack in one atomic step (publish.py), then trim consumed rollouts.
 Stopping (`stop` event): the loop finishes the batch in hand if the teacher answers within
-the drain timeout, else releases it (marks it idle so another scorer reclaims it at once).
+the drain timeout (down or merely slow), else releases it (marks it idle so another scorer
+reclaims it at once).
 This module does not own the process (signals, metrics server, Redis): see `runner`.
 """
 from __future__ import annotations
@@ -18,6 +19,8 @@ import logging
 import random
 import threading
 import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 
 from redis.exceptions import RedisError, ResponseError
 
@@ -81,6 +84,7 @@ class ScorerLoop:
         self.fair = FairShare()
         self._next_reclaim: dict[str, float] = {}
         self._next_trim: dict[str, float] = {}
+        self._drain_deadline: float | None = None
 
     # ---- 1) take a batch ----------------------------------------------------------------
 
@@ -140,10 +144,10 @@ class ScorerLoop:
 
     def score(self, exp: str, items: list[Item], stop: threading.Event) -> list[Outcome] | None:
         """Outcomes, or None when stopping before the teacher answered (batch released)."""
-        attempt, deadline = 0, None
+        attempt, self._drain_deadline = 0, None
         while True:
             try:
-                return score_items(self.teacher, items) if items else []
+                return self._call_teacher(items, stop) if items else []
             except TeacherDown as e:
                 metrics.QUEUE_TEACHER_RETRIES.inc()
                 wait = max(e.retry_after, random.uniform(0, min(self.backoff_max_s, 0.1 * 2 ** attempt)))
@@ -151,14 +155,38 @@ class ScorerLoop:
                 attempt += 1
                 log.warning("teacher unavailable (%s); retry %d in %.2fs", e, attempt, wait)
                 self._touch(exp, items)
-            if stop.is_set():
-                deadline = deadline or time.monotonic() + self.drain_timeout_s
-                if time.monotonic() >= deadline:
-                    return None
+            if self._past_drain(stop):
+                return None
             if stop.is_set():
                 time.sleep(min(wait, 0.2))     # draining: keep trying until the deadline
             else:
                 stop.wait(wait)
+
+    def _past_drain(self, stop: threading.Event) -> bool:
+        """Stopping, and the drain timeout (counted from when this loop first saw the stop) is over."""
+        if not stop.is_set():
+            return False
+        if self._drain_deadline is None:
+            self._drain_deadline = time.monotonic() + self.drain_timeout_s
+        return time.monotonic() >= self._drain_deadline
+
+    def _call_teacher(self, items: list[Item], stop: threading.Event) -> list[Outcome] | None:
+        """score_items on a helper thread, so a stop can give up on a teacher slower than the drain:
+        None then (the late answer is dropped; the caller releases the batch)."""
+        answer: Future[list[Outcome]] = Future()
+
+        def call() -> None:
+            try:
+                answer.set_result(score_items(self.teacher, items))
+            except BaseException as e:  # raised again in the loop's thread by answer.result()
+                answer.set_exception(e)
+        threading.Thread(target=call, name=f"{self.consumer}-teacher", daemon=True).start()
+        while True:
+            try:
+                return answer.result(timeout=0.05)
+            except FutureTimeout:
+                if self._past_drain(stop):
+                    return None
 
     def _touch(self, exp: str, items: list[Item]) -> None:
         try:

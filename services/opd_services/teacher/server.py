@@ -1,9 +1,11 @@
 """`opd serve`: the HTTP and gRPC surfaces over one ScoringService and one engine, one process.
 
 Shutdown, spelled out (SIGTERM or SIGINT):
-  1) stop being ready: /readyz and gRPC health answer NOT_SERVING, new requests get 503;
-  2) stop accepting connections, let in-flight requests finish within drain_timeout_s;
-  3) stop the batcher and close the engine; exit.
+  1) stop being ready: /readyz answers 503 "draining" and gRPC health NOT_SERVING; new
+     requests get 503 / UNAVAILABLE (still answered, so clients retry another replica);
+  2) wait for in-flight requests to finish, up to drain_timeout_s;
+  3) stop accepting connections and close both servers;
+  4) stop the batcher and close the engine; exit.
 A second signal exits at once. Keep drain_timeout_s below the k8s termination grace period.
 """
 from __future__ import annotations
@@ -139,14 +141,20 @@ class TeacherServer:
     async def _stop(self) -> None:
         timeout = self.settings.drain_timeout_s
         log.info("draining (up to %.0fs)", timeout)
-        # 1) not ready any more
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        # 1) not ready any more: new requests are answered 503 / UNAVAILABLE while we drain
         self.service.draining = True
         await self._grpc_surface.set_serving(False)
-        # 2) stop accepting; in-flight requests finish
+        # 2) in-flight requests finish (the listeners stay open meanwhile)
+        await self.service.drained(timeout)
+        # 3) stop accepting, close both servers (what is still running gets the time left)
+        left = max(0.0, deadline - loop.time())
+        self._uvicorn.config.timeout_graceful_shutdown = max(1, round(left))
         self._uvicorn.should_exit = True
-        await asyncio.gather(self._grpc.stop(grace=timeout), self._http_task, return_exceptions=True)
-        # 3) engine down, usage flushed
-        await self.service.shutdown(timeout)
+        await asyncio.gather(self._grpc.stop(grace=left), self._http_task, return_exceptions=True)
+        # 4) engine down, usage flushed
+        await self.service.shutdown(left)
         if self._usage is not None:
             self._acl_task.cancel()
             await self._usage.stop()

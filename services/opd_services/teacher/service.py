@@ -114,14 +114,20 @@ class ScoringService:
     def ready(self) -> bool:
         return self.batcher is not None and not self.draining
 
-    async def shutdown(self, timeout: float) -> None:
-        """Refuse new work, let in-flight requests finish (up to `timeout`), stop the engine."""
+    async def drained(self, timeout: float) -> bool:
+        """Refuse new work; wait (up to `timeout`) until no request is in flight."""
         self.draining = True
         metrics.READY.set(0)
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
         except asyncio.TimeoutError:
             log.warning("drain timeout (%.1fs) with %d request(s) in flight", timeout, self._inflight)
+            return False
+
+    async def shutdown(self, timeout: float) -> None:
+        """Refuse new work, let in-flight requests finish (up to `timeout`), stop the engine."""
+        await self.drained(timeout)
         if self.batcher is not None:
             await asyncio.to_thread(self.batcher.stop, 5.0)
         if self.engine is not None:

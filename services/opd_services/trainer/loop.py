@@ -125,7 +125,8 @@ class Trainer:
                 source.ack(acks)
                 acks = []
                 source.submit(self._rollouts())
-        self._check_revision(scored[0].model_revision)
+        for revision in {s.model_revision for s in scored}:     # every rollout: a batch may straddle a swap
+            self._check_revision(revision)
         out = self._optimize(scored_batch(scored), cfg.loss)
         source.ack(acks)
         out.metrics["staleness"] = float(np.mean([self.step - s.rollout.policy_version for s in scored]))

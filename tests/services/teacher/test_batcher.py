@@ -64,9 +64,13 @@ async def test_batching_off_scores_one_sequence_at_a_time():
     eng = Recording(gate)
     b = Batcher(eng, max_batch_tokens=10_000, batching=False)
     b.start()
-    await run(b, [5, 6, 7, 8], gate)
+    out = await run(b, [5, 6, 7, 8], gate)
     b.stop()
     assert all(len(x) == 1 for x in eng.batches)
+    assert sorted(n for batch in eng.batches for n in batch) == [5, 6, 7, 7, 8]     # each scored once
+    # every request got its own sequence's answer back: n - 1 scored positions, each -log 50
+    assert [o[0].logprobs_T.shape[0] if not isinstance(o, Exception) else o for o in out] == [6, 4, 5, 6, 7]
+    assert all(np.allclose(o[0].logprobs_T, -np.log(50)) for o in out)
 
 
 async def test_engine_failure_fails_that_batch_only():

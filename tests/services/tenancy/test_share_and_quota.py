@@ -58,13 +58,16 @@ def test_over_quota_gets_429_with_retry_after_others_unaffected(paced_teacher, r
     small = registry.create(f"q-{uuid.uuid4().hex[:6]}", max_inflight_tokens=250)
     other = registry.create(f"o-{uuid.uuid4().hex[:6]}")
 
-    async def burst():
-        async with AsyncTeacherClient(paced_teacher.http_url, api_key=small.api_key) as c:
+    async def burst(url):
+        async with AsyncTeacherClient(url, api_key=small.api_key) as c:
             return await asyncio.gather(*(c.score([[1] * 100]) for _ in range(6)), return_exceptions=True)
-    results = asyncio.run(burst())
-    refused = [r for r in results if isinstance(r, ResourceExhausted)]
-    assert refused and len(refused) < 6 and refused[0].retry_after >= 1
-    assert all(not isinstance(r, Exception) or isinstance(r, ResourceExhausted) for r in results)
+    for url in (paced_teacher.http_url, paced_teacher.grpc_url):      # 429 and RESOURCE_EXHAUSTED
+        results = asyncio.run(burst(url))
+        refused = [r for r in results if isinstance(r, ResourceExhausted)]
+        assert refused and len(refused) < 6, (url, results)
+        # the client reports the server's Retry-After (header / trailer; the quota's 1 s), never a default
+        assert all(r.retry_after == 1.0 for r in refused), (url, [r.retry_after for r in refused])
+        assert all(not isinstance(r, Exception) or isinstance(r, ResourceExhausted) for r in results)
     r = httpx.post(f"{paced_teacher.http_url}/v1/score", json={"sequences": [{"token_ids": [1] * 100}] * 3},
                    headers={"authorization": f"Bearer {small.api_key}"})
     assert r.status_code == 422 and "quota" in r.json()["error"]["reason"]   # can never fit: not a 429

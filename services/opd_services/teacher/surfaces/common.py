@@ -75,7 +75,10 @@ def tenant_dependency(service):
 
 
 class Observe:
-    """ASGI middleware: request count and latency per route and status code."""
+    """ASGI middleware: request count and latency per route and status code. Outermost, it also
+    keeps an internal error that was already answered (500 with a request id, logged with its
+    traceback by `error_response`) from reaching uvicorn, which would close the keep-alive
+    connection under the client's next request."""
 
     def __init__(self, app, routes: set[str]):
         self.app = app
@@ -88,16 +91,21 @@ class Observe:
         path = scope["path"]
         route = path if path in self.routes else ("/v1/admin/experiments" if path.startswith("/v1/admin/") else
                                             "/v1/experiments" if path.startswith("/v1/experiments/") else "other")
-        status = [500]
+        status, answered = [500], [False]
         t0 = time.perf_counter()
 
         async def send_observed(msg):
             if msg["type"] == "http.response.start":
                 status[0] = msg["status"]
+            elif msg["type"] == "http.response.body" and not msg.get("more_body", False):
+                answered[0] = True
             await send(msg)
 
         try:
             await self.app(scope, receive, send_observed)
+        except Exception:
+            if not answered[0]:       # not answered in full: let uvicorn answer 500 or close
+                raise
         finally:
             metrics.REQUEST_LATENCY.labels(route).observe(time.perf_counter() - t0)
             metrics.REQUESTS.labels(route, str(status[0]), scope["state"]["experiment"]).inc()
