@@ -34,6 +34,7 @@ class ModelInfo:
     vocab_size: int
     max_model_len: int
     max_top_k: int = 0
+    teacher: str = ""          # the teacher's name in its deployment (OPD_TEACHER_NAME)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)

@@ -26,6 +26,7 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype; auto = float32 on CPU, bfloat16 on CUDA.")
     vllm_args: dict = Field(default_factory=dict, description="vLLM engine only: extra AsyncEngineArgs as JSON, e.g. '{\"gpu_memory_utilization\": 0.5, \"tensor_parallel_size\": 2}'.")
     vllm_full_vocab_limit: int = Field(8192, ge=0, description="vLLM engine only: largest vocabulary for which temperature != 1, candidate_ids and entropy are served (they need the whole distribution per position from vLLM); above it those requests get 422 (use the torch engine).")
+    teacher_name: str = Field("default", pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$", description="This teacher's name in a deployment of several (`opd serve`); every answer's model identity carries it, and a request naming another teacher gets 404 / NOT_FOUND.")
     cache_dir: Path = Field(Path(os.path.expanduser("~/.cache/opd")), description="Where built checkpoints (the embedded default teacher) are cached.")
 
     # --- network ---
