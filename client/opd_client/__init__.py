@@ -1,5 +1,5 @@
 """opd-client: what every trainer installs to talk to the OPD Teacher service."""
-from opd_client.client import AsyncTeacherClient, RetryPolicy, TeacherClient
+from opd_client.client import NO_RETRY, AsyncTeacherClient, RetryPolicy, TeacherClient
 from opd_client.errors import (ConfigError, InternalError, InvalidRequest, NotFound, OPDError, PayloadTooLarge,
                                PermissionDenied, QueueFull, ResourceExhausted, Unauthenticated,
                                Unavailable)
@@ -7,7 +7,7 @@ from opd_client.types import (GenerateResponse, GenerateUsage, Generation, Model
                               ScoreResponse, Sequence, SequenceScores, Usage)
 
 __all__ = [
-    "AsyncTeacherClient", "TeacherClient", "RetryPolicy", "Sequence", "SequenceScores", "ScoreResponse",
+    "AsyncTeacherClient", "TeacherClient", "RetryPolicy", "NO_RETRY", "Sequence", "SequenceScores", "ScoreResponse",
     "ModelInfo", "Usage", "Rollout", "ScoredRollout", "Generation", "GenerateResponse", "GenerateUsage",
     "OPDError", "InvalidRequest", "PayloadTooLarge", "Unauthenticated",
     "PermissionDenied", "NotFound", "ResourceExhausted", "QueueFull", "Unavailable", "ConfigError", "InternalError",
