@@ -87,8 +87,10 @@ class Settings(BaseSettings):
     @classmethod
     def _teachers(cls, v: str | None) -> str | None:
         from opd_client.teachers import parse_teachers
+        if not v:                    # "" (compose's ${OPD_TEACHERS:-}) = unset
+            return None
         try:
-            return None if v is None else (parse_teachers(v) and v)
+            return parse_teachers(v) and v
         except InvalidRequest as e:
             raise ValueError(e.reason) from None
 
