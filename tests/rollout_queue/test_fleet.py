@@ -152,3 +152,20 @@ def test_bad_teacher_specs_fail_at_start_up():
         assert "OPD_TEACHERS" in str(e.value)
     assert list(Settings.load(teachers="math=grpc://a:1,b:2;code=http://c:8000").teacher_urls()) == ["math", "code"]
     assert Settings.load(teacher_url="grpc://h:1,h2:1").teacher_urls() == {"default": "grpc://h:1,h2:1"}
+
+
+def test_opd_fleet_check_on_an_experiments_latest_rollouts(redis, fleet, tiny_model, capsys):
+    from opd_services.cli import main
+    exp = f"k{uuid.uuid4().hex[:8]}"
+    with RolloutProducer(redis, exp) as p:
+        p.push(_rollouts(5, "k", teacher="math"))
+    args = ["fleet", "check", "--experiment", exp, "--redis-url", redis, "--count", "4"]
+    assert main(args + ["--teachers", _spec(fleet)]) == 0
+    out = capsys.readouterr().out
+    assert "math 127.0.0.1:" in out and " ok" in out
+    with _teacher(tiny_model, "math", dtype="bfloat16") as odd:
+        spec = f"math=grpc://127.0.0.1:{fleet['math'][0].server.grpc_port},127.0.0.1:{odd.server.grpc_port}"
+        assert main(args + ["--teachers", spec]) == 1
+    assert "DISAGREE" in capsys.readouterr().out and f":{odd.server.grpc_port}" in out + spec
+    assert main(args + ["--teachers", _spec(fleet), "--teacher", "physics"]) == 2
+    assert "unknown teacher 'physics'" in capsys.readouterr().err
