@@ -54,11 +54,15 @@ class Experiment:
     teacher: str | None = None                 # default teacher of its rollouts; None = the scorer's default
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        d = asdict(self)
+        if d["teacher"] is None:      # records without it stay readable by releases before teachers
+            del d["teacher"]
+        return json.dumps(d)
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> "Experiment":
-        return cls(**json.loads(raw))
+        d = json.loads(raw)
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})   # newer fields: ignored
 
     def public(self) -> dict:
         """What an operator may see: everything but the hashes."""
