@@ -77,8 +77,10 @@ class Settings(BaseSettings):
     @classmethod
     def _url(cls, v: str) -> str:
         from opd_client.targets import parse_target
+        if "://" not in v:
+            raise ValueError("must start with a scheme: grpc://, http://, https://, grpc+dns:// or http+dns://")
         try:
-            parse_target(v if "://" in v else f"?://{v}")
+            parse_target(v)
         except InvalidRequest as e:
             raise ValueError(e.reason) from None
         return v
