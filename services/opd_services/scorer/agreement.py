@@ -94,8 +94,11 @@ class ReplicaCheck:
 
     def check(self, teacher: str, seqs: list[Sequence]) -> list[PairResult]:
         """Score `seqs` on every replica of `teacher`, export and return one result per pair."""
+        urls = replica_urls(self.urls[teacher])
+        if len(urls) < 2:
+            return []               # one replica: nothing to compare it with
         answers = {}
-        for url in replica_urls(self.urls[teacher]):
+        for url in urls:
             try:
                 answers[url.split("://", 1)[1]] = self._client(teacher, url).score(seqs)
             except OPDError as e:
