@@ -5,9 +5,12 @@
       Teacher: BENCH_MODEL (modeling/checkpoints.py), torch engine, 256-token rollouts.
   Q2  queue alone: the same flow over the uniform engine (scoring cost ~0); target >= 8,000/s.
   Q3  payload: bytes per scored token held in Redis, binary codec vs a JSON encoding.
+  Q4  teacher fleet (issue 15): Q1's end-to-end flow against 2 replicas of the torch teacher,
+      each pinned to its own core (taskset), vs 1 replica pinned to one core; target >= 1.7x,
+      and each replica's share of the scored tokens within 40-60%.
 
 Every role is its own process: Valkey (embedded), `opd serve`, `opd scorer` x N, one
-producer, one consumer. Usage: python bench/queue.py [--only q1,q2,q3] [--q2-n 30000]
+producer, one consumer. Usage: python bench/queue.py [--only q1,q2,q3,q4] [--q2-n 30000]
 This script measures; it asserts nothing.
 """
 from __future__ import annotations
@@ -68,9 +71,11 @@ def _consume(url, exp, n, ready, out):
     out.put(("done", time.time()))
 
 
-def _teacher(env: dict, port: int) -> subprocess.Popen:
-    p = subprocess.Popen([sys.executable, "-m", "opd_services.cli", "serve", "--grpc-port", str(port),
-                          "--http-port", str(free_port())], env={**os.environ, **env}, stdout=subprocess.DEVNULL)
+def _teacher(env: dict, port: int, http_port: int | None = None, cpu: int | None = None) -> subprocess.Popen:
+    pin = ["taskset", "-c", str(cpu)] if cpu is not None else []
+    p = subprocess.Popen([*pin, sys.executable, "-m", "opd_services.cli", "serve", "--grpc-port", str(port),
+                          "--http-port", str(http_port or free_port())], env={**os.environ, **env},
+                         stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     with TeacherClient(f"grpc://127.0.0.1:{port}", timeout=5) as t:
         while True:
@@ -195,6 +200,52 @@ def q3(redis_url: str, n: int = 1000) -> None:
           f"(JSON / binary = {sizes['json'] / sizes['binary']:.1f}x)")
 
 
+def _scored_tokens(http_port: int) -> float:
+    import urllib.request
+    text = urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10).read().decode()
+    return sum(float(x.rsplit(" ", 1)[1]) for x in text.splitlines() if x.startswith("opd_scored_tokens_total{"))
+
+
+def _fleet_round(redis_url: str, path, replicas: int, args, exp: str) -> tuple[float, list[float]]:
+    """Rollouts/s end to end with `replicas` teachers on cores 0..replicas-1; each one's token share."""
+    from opd_services.modeling.checkpoints import BENCH_MODEL
+    env = {"OPD_MODEL": str(path), "OPD_ENGINE": "torch", "OPD_DEVICE": "cpu", "OPD_LOG_LEVEL": "warning",
+           "OMP_NUM_THREADS": "1"}
+    ports = [(free_port(), free_port()) for _ in range(replicas)]
+    teachers = [_teacher(env, g, h, cpu=i) for i, (g, h) in enumerate(ports)]
+    try:
+        url = "grpc://" + ",".join(f"127.0.0.1:{g}" for g, _ in ports)
+        rate = end_to_end(redis_url, url, args.q4_n, BENCH_MODEL.vocab_size, procs=1, loops=args.q4_loops,
+                          batch=args.q4_batch, exp=exp)
+        tokens = [_scored_tokens(h) for _, h in ports]
+    finally:
+        for t in teachers:
+            t.terminate()
+        for t in teachers:
+            t.wait(30)
+    return rate, [t / sum(tokens) for t in tokens]
+
+
+def q4(redis_url: str, args) -> None:
+    from opd_services.config import Settings
+    from opd_services.modeling.checkpoints import BENCH_MODEL, cached_random_llama
+    path = cached_random_llama(Settings().cache_dir, BENCH_MODEL, prefix="bench-model")
+    ones, twos, shares = [], [], []
+    for i in range(args.q4_rounds):          # alternate, so that a neighbour's load hits both alike
+        ones.append(_fleet_round(redis_url, path, 1, args, f"bench-q4-one-{i}")[0])
+        rate, share = _fleet_round(redis_url, path, 2, args, f"bench-q4-two-{i}")
+        twos.append(rate)
+        shares.append(share)
+    best = max(range(len(twos)), key=lambda i: twos[i])
+    rounds = ", ".join(f"{t:.2f}/{o:.2f}" for t, o in zip(twos, ones))
+    print(f"Q4 teacher fleet (BENCH_MODEL {BENCH_MODEL.tag}, torch CPU, 1 core per replica via taskset, "
+          f"{LENGTH}-token rollouts, n={args.q4_n} per round, batch {args.q4_batch}, {args.q4_loops} scorer loops): "
+          f"2 replicas {twos[best]:,.2f} rollouts/s vs 1 replica {max(ones):,.2f} rollouts/s (best of "
+          f"{args.q4_rounds} alternating rounds) -> ratio {twos[best] / max(ones):.2f} (target >= 1.70); "
+          f"replica shares of scored tokens {', '.join(f'{x:.0%}' for x in shares[best])} (target 40-60% each); "
+          f"rounds two/one: {rounds}")
+
+
 def _json(s: ScoredRollout) -> bytes:
     r = s.rollout
     return orjson.dumps({"id": r.id, "token_ids": r.token_ids.tolist(), "score_from": r.score_from,
@@ -205,7 +256,7 @@ def _json(s: ScoredRollout) -> bytes:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--only", default="q1,q2,q3")
+    p.add_argument("--only", default="q1,q2,q3,q4")
     p.add_argument("--q1-n", type=int, default=256)
     p.add_argument("--q1-rounds", type=int, default=2)
     p.add_argument("--q1-batch", type=int, default=32)
@@ -215,13 +266,17 @@ def main() -> None:
     p.add_argument("--q2-batch", type=int, default=200)
     p.add_argument("--q2-procs", type=int, default=2)
     p.add_argument("--q2-loops", type=int, default=2)
+    p.add_argument("--q4-n", type=int, default=192)
+    p.add_argument("--q4-rounds", type=int, default=2)
+    p.add_argument("--q4-batch", type=int, default=8)
+    p.add_argument("--q4-loops", type=int, default=4)
     args = p.parse_args()
     only = set(args.only.split(","))
     with EmbeddedRedis() as redis:
         print(f"# bench/queue.py  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  cpus={os.cpu_count()}  "
               f"valkey at {redis.url}", flush=True)
         for name, fn in (("q3", lambda: q3(redis.url)), ("q2", lambda: q2(redis.url, args)),
-                         ("q1", lambda: q1(redis.url, args))):
+                         ("q1", lambda: q1(redis.url, args)), ("q4", lambda: q4(redis.url, args))):
             if name in only:
                 fn()
                 sys.stdout.flush()

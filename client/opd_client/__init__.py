@@ -1,14 +1,14 @@
 """opd-client: what every trainer installs to talk to the OPD Teacher service."""
-from opd_client.client import AsyncTeacherClient, RetryPolicy, TeacherClient
-from opd_client.errors import (ConfigError, InternalError, InvalidRequest, OPDError, PayloadTooLarge,
+from opd_client.client import NO_RETRY, AsyncTeacherClient, RetryPolicy, TeacherClient
+from opd_client.errors import (ConfigError, InternalError, InvalidRequest, NotFound, OPDError, PayloadTooLarge,
                                PermissionDenied, QueueFull, ResourceExhausted, Unauthenticated,
                                Unavailable)
 from opd_client.types import (GenerateResponse, GenerateUsage, Generation, ModelInfo, Rollout, ScoredRollout,
                               ScoreResponse, Sequence, SequenceScores, Usage)
 
 __all__ = [
-    "AsyncTeacherClient", "TeacherClient", "RetryPolicy", "Sequence", "SequenceScores", "ScoreResponse",
+    "AsyncTeacherClient", "TeacherClient", "RetryPolicy", "NO_RETRY", "Sequence", "SequenceScores", "ScoreResponse",
     "ModelInfo", "Usage", "Rollout", "ScoredRollout", "Generation", "GenerateResponse", "GenerateUsage",
     "OPDError", "InvalidRequest", "PayloadTooLarge", "Unauthenticated",
-    "PermissionDenied", "ResourceExhausted", "QueueFull", "Unavailable", "ConfigError", "InternalError",
+    "PermissionDenied", "NotFound", "ResourceExhausted", "QueueFull", "Unavailable", "ConfigError", "InternalError",
 ]

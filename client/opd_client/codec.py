@@ -6,6 +6,11 @@ with its format version "v" and its kind "k" ("rollout" | "scored"); a reader de
 versions it knows and refuses any other with a `PayloadError` that says which version it
 got, which it reads, and what to upgrade. A version-1 reader ignores map keys it does not
 know, so fields can be added without a new version; removing or changing one needs one.
+Version 2 adds the rollout's `teacher` ("tch"): a field an old reader must NOT ignore (it
+would score the rollout with the wrong teacher), so a rollout naming a teacher is written
+as version 2 and an old scorer dead-letters it with "upgrade opd-client" instead. Rollouts
+that name no teacher are still written as version 1, so old readers keep working through a
+rolling upgrade. A scored payload records who scored it ("tsc"), which old readers may ignore.
 
 This module does no I/O and knows nothing of Redis; `opd_client.queue` moves the bytes.
 """
@@ -17,8 +22,8 @@ import numpy as np
 from opd_client.errors import InvalidRequest
 from opd_client.types import Rollout, ScoredRollout
 
-VERSION = 1
-READS = (1,)            # versions this reader decodes
+VERSION = 2            # the newest this writer writes (only when a field of it is used: see above)
+READS = (1, 2)          # versions this reader decodes
 _I32, _U8, _F32 = np.dtype("<i4"), np.dtype("u1"), np.dtype("<f4")
 
 
@@ -41,7 +46,12 @@ def _rollout_map(r: Rollout) -> dict:
         "mask": None if mask.all() else mask.astype(_U8, copy=False).tobytes(),
         "blp": r.behaviour_logprobs.astype(_F32, copy=False).tobytes(),
         "pv": r.policy_version, "at": r.sampled_at, "md": r.metadata, "tk": r.top_k,
+        **({"tch": r.teacher} if r.teacher else {}),
     }
+
+
+def _version(r: Rollout) -> int:
+    return 2 if r.teacher else 1
 
 
 def _pack(d: dict) -> bytes:
@@ -53,17 +63,17 @@ def _pack(d: dict) -> bytes:
 
 
 def encode_rollout(r: Rollout) -> bytes:
-    return _pack({"v": VERSION, "k": "rollout", **_rollout_map(r)})
+    return _pack({"v": _version(r), "k": "rollout", **_rollout_map(r)})
 
 
 def encode_scored(s: ScoredRollout) -> bytes:
     k = 0 if s.top_ids is None else int(s.top_ids.shape[1])
     return _pack({
-        "v": VERSION, "k": "scored", "r": _rollout_map(s.rollout),
+        "v": _version(s.rollout), "k": "scored", "r": _rollout_map(s.rollout),
         "tlp": s.teacher_logprobs.astype(_F32, copy=False).tobytes(), "K": k,
         "tid": None if k == 0 else s.top_ids.astype(_I32, copy=False).tobytes(),
         "tlk": None if k == 0 else s.top_logprobs.astype(_F32, copy=False).tobytes(),
-        "rev": s.model_revision, "sat": s.scored_at,
+        "rev": s.model_revision, "sat": s.scored_at, **({"tsc": s.teacher} if s.teacher else {}),
     })
 
 
@@ -104,14 +114,15 @@ def _rollout_from(d: dict) -> Rollout:
         if not 0 <= s <= n:
             raise PayloadError(f"score_from {s} is outside [0, {n}] for {n} tokens")
         mask = None if d.get("mask") is None else _arr(d, "mask", _U8, t, "loss_mask")
-        rid, md, top_k = d["id"], d.get("md") or {}, int(d.get("tk", 0))
-        if not isinstance(rid, str) or not isinstance(md, dict) or top_k < 0:
-            raise PayloadError(f"bad id {rid!r}, metadata of type {type(md).__name__} or top_k {top_k}")
+        rid, md, top_k, teacher = d["id"], d.get("md") or {}, int(d.get("tk", 0)), d.get("tch", "")
+        if not isinstance(rid, str) or not isinstance(md, dict) or top_k < 0 or not isinstance(teacher, str):
+            raise PayloadError(f"bad id {rid!r}, metadata of type {type(md).__name__}, top_k {top_k} "
+                               f"or teacher {teacher!r}")
         # every array's dtype and length is checked above: skip Rollout's own checks (hot path)
         return Rollout._trusted(id=rid, token_ids=tok, score_from=s, loss_mask=mask,
                                 behaviour_logprobs=_arr(d, "blp", _F32, t, "behaviour_logprobs"),
                                 policy_version=int(d.get("pv", 0)), sampled_at=float(d.get("at", 0.0)),
-                                metadata=md, top_k=top_k)
+                                metadata=md, top_k=top_k, teacher=teacher)
     except KeyError as e:
         raise PayloadError(f"missing field {e.args[0]!r}") from None
     except PayloadError:
@@ -140,7 +151,7 @@ def decode_scored(data: bytes) -> ScoredRollout:
             lps = _arr(d, "tlk", _F32, t * k, "top_logprobs").reshape(t, k)
         return ScoredRollout(rollout=r, teacher_logprobs=_arr(d, "tlp", _F32, t, "teacher_logprobs"),
                              top_ids=ids, top_logprobs=lps, model_revision=str(d.get("rev", "")),
-                             scored_at=float(d.get("sat", 0.0)))
+                             scored_at=float(d.get("sat", 0.0)), teacher=str(d.get("tsc", "")))
     except PayloadError:
         raise
     except (InvalidRequest, TypeError, ValueError) as e:

@@ -53,6 +53,12 @@ class PermissionDenied(OPDError, PermissionError):
     code = "permission_denied"
 
 
+class NotFound(OPDError, LookupError):
+    """The thing named does not exist here, e.g. a teacher this deployment does not serve."""
+
+    code = "not_found"
+
+
 class ResourceExhausted(OPDError, RuntimeError):
     """Over a quota or overloaded; retry after `retry_after` seconds. On the client side it is
     what the server sent (Retry-After header or trailer), None when the server sent none."""
@@ -88,6 +94,6 @@ class InternalError(OPDError, RuntimeError):
 
 BY_CODE: dict[str, type[OPDError]] = {
     cls.code: cls
-    for cls in (InvalidRequest, PayloadTooLarge, Unauthenticated, PermissionDenied,
+    for cls in (InvalidRequest, PayloadTooLarge, Unauthenticated, PermissionDenied, NotFound,
                 ResourceExhausted, QueueFull, Unavailable, ConfigError, InternalError)
 }

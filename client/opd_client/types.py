@@ -34,6 +34,7 @@ class ModelInfo:
     vocab_size: int
     max_model_len: int
     max_top_k: int = 0
+    teacher: str = ""          # the teacher's name in its deployment (OPD_TEACHER_NAME)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -93,7 +94,8 @@ class Rollout:
     trainer trains on the token (0 for tool / environment tokens: scored for context only);
     None = all ones. behaviour_logprobs: float32[L - score_from], the student's logprobs
     when it sampled; None = zeros. top_k: how many teacher alternatives per position the
-    trainer wants (0 = logprobs of the sampled tokens only).
+    trainer wants (0 = logprobs of the sampled tokens only). teacher: the teacher that should
+    score it (a name in the scorer's OPD_TEACHERS); "" = the experiment's default teacher.
     Arrays are coerced to their dtype; a wrong shape raises InvalidRequest naming the field.
     """
 
@@ -106,9 +108,12 @@ class Rollout:
     sampled_at: float = 0.0
     metadata: dict = field(default_factory=dict)
     top_k: int = 0
+    teacher: str = ""
 
     def __post_init__(self):
         from opd_client.errors import InvalidRequest
+        if not isinstance(self.teacher, str):
+            raise InvalidRequest("teacher", f"must be a teacher's name (a string), got {type(self.teacher).__name__}")
         if not isinstance(self.id, str):
             raise InvalidRequest("id", f"must be a string, got {type(self.id).__name__}")
         tok = _array("token_ids", self.token_ids, np.int32, (-1,))
@@ -136,6 +141,7 @@ class Rollout:
     def _trusted(cls, **fields) -> "Rollout":
         """Build without re-checking: for the codec, which has checked every dtype and length."""
         self = object.__new__(cls)
+        fields.setdefault("teacher", "")
         if fields["loss_mask"] is None:
             fields["loss_mask"] = np.ones(len(fields["token_ids"]) - fields["score_from"], np.uint8)
         for k, v in fields.items():
@@ -150,6 +156,8 @@ class ScoredRollout:
     teacher_logprobs: float32[T]; top_ids: int32[T, K] and top_logprobs: float32[T, K]
     (descending) when the rollout asked for top_k > 0, else None. model_revision: the
     teacher's weights + tokenizer hash, so a trainer can refuse a silent teacher swap.
+    teacher: the name of the teacher that scored it (its OPD_TEACHER_NAME; "" from a
+    single-teacher deployment that names none).
     """
 
     rollout: Rollout
@@ -158,6 +166,7 @@ class ScoredRollout:
     top_logprobs: np.ndarray | None = None
     model_revision: str = ""
     scored_at: float = 0.0
+    teacher: str = ""
 
     def __post_init__(self):
         t = self.rollout.n_scored

@@ -30,7 +30,7 @@ def _ids(a) -> list[int]:
 
 # ---- HTTP JSON -------------------------------------------------------------------------
 
-def request_json(seqs: list[Sequence], top_k: int, temperature: float, entropy: bool) -> dict:
+def request_json(seqs: list[Sequence], top_k: int, temperature: float, entropy: bool, teacher: str = "") -> dict:
     body_seqs = []
     for s in seqs:
         d = {"token_ids": _ids(s.token_ids), "score_from": int(s.score_from)}
@@ -39,8 +39,11 @@ def request_json(seqs: list[Sequence], top_k: int, temperature: float, entropy: 
         if s.candidate_ids_T_C is not None:
             d["candidate_ids"] = np.asarray(s.candidate_ids_T_C, dtype=np.int64).tolist()
         body_seqs.append(d)
-    return {"top_k": int(top_k), "temperature": float(temperature), "entropy": bool(entropy),
+    body = {"top_k": int(top_k), "temperature": float(temperature), "entropy": bool(entropy),
             "sequences": body_seqs}
+    if teacher:
+        body["teacher"] = teacher
+    return body
 
 
 def model_from_json(d: dict) -> ModelInfo:
@@ -71,7 +74,8 @@ def response_from_json(d: dict) -> ScoreResponse:
 
 # ---- gRPC --------------------------------------------------------------------------------
 
-def request_proto(seqs: list[Sequence], top_k: int, temperature: float, entropy: bool) -> pb.ScoreRequest:
+def request_proto(seqs: list[Sequence], top_k: int, temperature: float, entropy: bool,
+                  teacher: str = "") -> pb.ScoreRequest:
     msgs = []
     for s in seqs:
         m = pb.Sequence(id=s.id, token_ids=_ids(s.token_ids), score_from=int(s.score_from))
@@ -83,13 +87,13 @@ def request_proto(seqs: list[Sequence], top_k: int, temperature: float, entropy:
             m.candidate_width = c.shape[1]
         msgs.append(m)
     return pb.ScoreRequest(sequences=msgs, top_k=int(top_k), temperature=float(temperature),
-                           entropy=bool(entropy))
+                           entropy=bool(entropy), teacher=teacher)
 
 
 def model_from_proto(m: pb.ModelInfo) -> ModelInfo:
     return ModelInfo(name=m.name, engine=m.engine, engine_version=m.engine_version, dtype=m.dtype,
                      revision=m.revision, vocab_size=m.vocab_size, max_model_len=m.max_model_len,
-                     max_top_k=m.max_top_k)
+                     max_top_k=m.max_top_k, teacher=m.teacher)
 
 
 def response_from_proto(resp: pb.ScoreResponse) -> ScoreResponse:

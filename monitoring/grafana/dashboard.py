@@ -100,6 +100,11 @@ def queue_panels() -> list[dict]:
               [q(f"sum by (experiment, stream) (rate(opd_queue_reclaimed_total{{{EXP}}}[{RI}]))", "reclaimed {{experiment}} {{stream}}", "A"),
                q(f"sum(rate(opd_queue_teacher_retries_total[{RI}]))", "scorer retries to teacher", "B")],
               desc="Reclaims: a consumer died holding entries. Retries: transient teacher failures."),
+        panel("Teacher replica agreement (max |logprob diff|)",
+              [q("max by (teacher, pair) (opd_teacher_replica_max_abs_diff)", "{{teacher}} {{pair}}", "A"),
+               q("max by (teacher, pair) (opd_teacher_replica_identity_mismatch)", "identity differs {{teacher}} {{pair}}", "B")],
+              desc="Scorers score a sample of traffic on every replica of its teacher (OPD_REPLICA_CHECK_RATE). "
+                   "Alerts OPDTeacherReplicasDisagree (> 1e-3) and OPDTeacherReplicaIdentityMismatch."),
     ]
 
 

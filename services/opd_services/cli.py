@@ -1,4 +1,4 @@
-"""The `opd` command: serve, scorer, train, demo (and, as they land: experiments)."""
+"""The `opd` command: serve, scorer, train, demo, experiments, fleet check."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +13,8 @@ from opd_services.trainer import cli as train_cli
 
 def _settings(args: argparse.Namespace):
     from opd_services.config import Settings
-    keys = ("model", "engine", "host", "http_port", "grpc_port", "device", "dtype", "max_top_k", "redis_url", "auth")
+    keys = ("model", "engine", "host", "http_port", "grpc_port", "device", "dtype", "max_top_k", "redis_url", "auth",
+            "teacher_name")
     return Settings.load(**{k: getattr(args, k, None) for k in keys})
 
 
@@ -28,7 +29,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_scorer(args: argparse.Namespace) -> int:
     from opd_services.config import Settings
     from opd_services.scorer.runner import serve_scorer
-    keys = ("teacher_url", "redis_url", "scorer_batch_size", "scorer_concurrency", "scorer_metrics_port")
+    keys = ("teacher_url", "teachers", "redis_url", "scorer_batch_size", "scorer_concurrency", "scorer_metrics_port")
     settings = Settings.load(**{k: getattr(args, k, None) for k in keys})
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return serve_scorer(settings)
@@ -72,8 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--max-top-k", type=int, help="OPD_MAX_TOP_K")
         sp.add_argument("--redis-url", help="OPD_REDIS_URL: experiments registry (unset = no tenancy)")
         sp.add_argument("--auth", choices=["on", "off", "auto"], help="OPD_AUTH")
+        sp.add_argument("--teacher-name", help="OPD_TEACHER_NAME: this teacher's name in a deployment of several")
     scorer = sub.add_parser("scorer", help="score queued rollouts of every experiment through the teacher")
-    scorer.add_argument("--teacher-url", help="OPD_TEACHER_URL, e.g. grpc://127.0.0.1:50051")
+    scorer.add_argument("--teacher-url", help="OPD_TEACHER_URL, e.g. grpc://127.0.0.1:50051 or grpc://h1:50051,h2:50051")
+    scorer.add_argument("--teachers", help="OPD_TEACHERS, e.g. 'math=grpc://a:50051,b:50051;code=grpc://c:50051'")
     scorer.add_argument("--redis-url", help="OPD_REDIS_URL (unset = start an embedded Valkey)")
     scorer.add_argument("--batch-size", dest="scorer_batch_size", type=int, help="OPD_SCORER_BATCH_SIZE")
     scorer.add_argument("--concurrency", dest="scorer_concurrency", type=int, help="OPD_SCORER_CONCURRENCY")
@@ -81,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     train_cli.add_parser(sub)
     from opd_services.tenancy.cli import add_parser as add_experiments
     add_experiments(sub)
+    from opd_services.scorer.check_cli import add_parser as add_fleet
+    add_fleet(sub)
     args = p.parse_args(argv)
     try:
         if hasattr(args, "func"):

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from opd_services.errors import ConfigError
+from opd_services.errors import ConfigError, InvalidRequest
 
 
 class Settings(BaseSettings):
@@ -26,13 +26,16 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype; auto = float32 on CPU, bfloat16 on CUDA.")
     vllm_args: dict = Field(default_factory=dict, description="vLLM engine only: extra AsyncEngineArgs as JSON, e.g. '{\"gpu_memory_utilization\": 0.5, \"tensor_parallel_size\": 2}'.")
     vllm_full_vocab_limit: int = Field(8192, ge=0, description="vLLM engine only: largest vocabulary for which temperature != 1, candidate_ids and entropy are served (they need the whole distribution per position from vLLM); above it those requests get 422 (use the torch engine).")
+    teacher_name: str = Field("default", pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$", description="This teacher's name in a deployment of several (`opd serve`); every answer's model identity carries it, and a request naming another teacher gets 404 / NOT_FOUND.")
     cache_dir: Path = Field(Path(os.path.expanduser("~/.cache/opd")), description="Where built checkpoints (the embedded default teacher) are cached.")
 
     # --- network ---
     host: str = Field("127.0.0.1", description="Address the HTTP and gRPC servers bind (0.0.0.0 in containers).")
     http_port: int = Field(8000, ge=0, le=65535, description="HTTP port (0 = pick a free one).")
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = pick a free one).")
-    teacher_url: str = Field("grpc://127.0.0.1:50051", description="Teacher address for scorers and trainers: grpc://HOST:PORT or http://HOST:PORT.")
+    teacher_url: str = Field("grpc://127.0.0.1:50051", description="Teacher address for scorers and trainers: grpc://HOST:PORT or http://HOST:PORT; several replicas comma-separated (grpc://h1:50051,h2:50051) or a DNS name standing for them (grpc+dns://NAME:50051, http+dns://NAME:8000).")
+    teachers: str | None = Field(None, description="Scorers, several teachers: 'NAME=URL;NAME=URL' (URL as in OPD_TEACHER_URL), e.g. 'math=grpc://a:50051,b:50051;code=grpc://c:50051'. The first is the default; a rollout (or its experiment) names another. Unset = one teacher, OPD_TEACHER_URL.")
+    replica_check_rate: float = Field(0.001, ge=0, le=1, description="Scorers: share of scored sequences also sent to every replica of their teacher to compare logprobs (opd_teacher_replica_max_abs_diff); 0 = off.")
     redis_url: str | None = Field(None, description="Redis/Valkey URL; unset = start an embedded Valkey.")
 
     # --- limits (bad input is refused with 422 / INVALID_ARGUMENT) ---
@@ -73,9 +76,30 @@ class Settings(BaseSettings):
     @field_validator("teacher_url")
     @classmethod
     def _url(cls, v: str) -> str:
-        if not v.startswith(("grpc://", "http://", "https://")):
-            raise ValueError("must start with grpc://, http:// or https://")
+        from opd_client.targets import parse_target
+        if "://" not in v:
+            raise ValueError("must start with a scheme: grpc://, http://, https://, grpc+dns:// or http+dns://")
+        try:
+            parse_target(v)
+        except InvalidRequest as e:
+            raise ValueError(e.reason) from None
         return v
+
+    @field_validator("teachers")
+    @classmethod
+    def _teachers(cls, v: str | None) -> str | None:
+        from opd_client.teachers import parse_teachers
+        if not v:                    # "" (compose's ${OPD_TEACHERS:-}) = unset
+            return None
+        try:
+            return parse_teachers(v) and v
+        except InvalidRequest as e:
+            raise ValueError(e.reason) from None
+
+    def teacher_urls(self) -> dict[str, str]:
+        """{teacher name: URL}, the default first: OPD_TEACHERS, else {"default": OPD_TEACHER_URL}."""
+        from opd_client.teachers import parse_teachers
+        return parse_teachers(self.teachers) if self.teachers else {"default": self.teacher_url}
 
     @classmethod
     def load(cls, **overrides) -> "Settings":

@@ -4,5 +4,5 @@ The hierarchy is defined once, in `opd_client.errors` (services depend on the cl
 the reverse). Each surface maps these to its wire codes in exactly one place.
 """
 from opd_client.errors import (BY_CODE, ConfigError, InternalError, InvalidRequest, OPDError,  # noqa: F401
-                               PayloadTooLarge, PermissionDenied, QueueFull, ResourceExhausted,
+                               NotFound, PayloadTooLarge, PermissionDenied, QueueFull, ResourceExhausted,
                                Unauthenticated, Unavailable)

@@ -37,6 +37,12 @@ QUEUE_SCORED = Counter("opd_queue_scored_total", "Rollouts scored and published"
 QUEUE_DEAD = Counter("opd_queue_dead_total", "Rollouts dead-lettered (can never be scored)", ["experiment", "reason"])
 QUEUE_RECLAIMED = Counter("opd_queue_reclaimed_total", "Pending entries reclaimed from a dead consumer", ["experiment", "stream"])
 QUEUE_TEACHER_RETRIES = Counter("opd_queue_teacher_retries_total", "Scorer retries after a transient teacher failure")
+REPLICA_MAX_ABS_DIFF = Gauge("opd_teacher_replica_max_abs_diff",
+                             "Largest |logprob difference| between two replicas of a teacher on the last sampled check",
+                             ["teacher", "pair"])
+REPLICA_IDENTITY_MISMATCH = Gauge("opd_teacher_replica_identity_mismatch",
+                                  "1 when two replicas of a teacher report a different revision, dtype or name",
+                                  ["teacher", "pair"])
 
 # --- trainer ---
 TRAINER_STEP = Gauge("opd_trainer_step", "Optimizer steps taken", ["experiment"])

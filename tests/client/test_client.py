@@ -5,7 +5,7 @@ import time
 import pytest
 
 from opd_client import InvalidRequest, RetryPolicy, TeacherClient, Unavailable
-from opd_client.client import _parse_url
+from opd_client.targets import parse_target
 
 
 def free_port() -> int:
@@ -14,14 +14,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _t(url):
+    t = parse_target(url)
+    return t.transport, t.addresses, t.dns
+
+
 def test_url_schemes():
-    assert _parse_url("http://127.0.0.1:8000/") == ("http", "http://127.0.0.1:8000")
-    assert _parse_url("grpc://127.0.0.1:50051") == ("grpc", "127.0.0.1:50051")
-    assert _parse_url("grpc://[::1]:50051") == ("grpc", "[::1]:50051")
+    assert _t("http://127.0.0.1:8000/") == ("http", ("http://127.0.0.1:8000",), False)
+    assert _t("grpc://127.0.0.1:50051") == ("grpc", ("127.0.0.1:50051",), False)
+    assert _t("grpc://[::1]:50051") == ("grpc", ("[::1]:50051",), False)
+    assert _t("h:50051") == ("grpc", ("h:50051",), False)
     with pytest.raises(InvalidRequest, match="scheme"):
-        _parse_url("ftp://x:1")
+        parse_target("ftp://x:1")
     with pytest.raises(InvalidRequest, match="port"):
-        _parse_url("grpc://hostonly")
+        parse_target("grpc://hostonly")
+
+
+def test_several_replicas_and_dns_names():
+    assert _t("grpc://h1:50051, h2:50052") == ("grpc", ("h1:50051", "h2:50052"), False)
+    assert _t("http://h1:8000,h2:8000/x/") == ("http", ("http://h1:8000/x", "http://h2:8000/x"), False)
+    assert _t("grpc+dns://opd-teacher-headless:50051") == ("grpc", ("dns:///opd-teacher-headless:50051",), True)
+    assert _t("http+dns://localhost:8000") == ("http", ("http://localhost:8000",), True)
+    with pytest.raises(InvalidRequest, match="empty"):
+        parse_target("grpc://h1:1,,h2:2")
+    with pytest.raises(InvalidRequest, match="one name"):
+        parse_target("grpc+dns://a:1,b:1")
+    with pytest.raises(InvalidRequest, match="'h2'"):
+        parse_target("grpc://h1:1,h2")
 
 
 @pytest.mark.parametrize("scheme", ["http", "grpc"])

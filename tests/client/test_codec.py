@@ -1,6 +1,8 @@
 """The queue codec: round trips, compactness, and clear refusals of bad or unknown payloads."""
 from __future__ import annotations
 
+import dataclasses
+
 import msgpack
 import numpy as np
 import orjson
@@ -77,7 +79,7 @@ def test_payload_is_compact_binary_not_json_numbers():
     assert len(as_json) > 2 * len(data)
 
 
-@pytest.mark.parametrize("version,words", [(2, "newer than any"), (99, "upgrade opd-client"),
+@pytest.mark.parametrize("version,words", [(3, "newer than any"), (99, "upgrade opd-client"),
                                            (0, "re-encode"), ("1", "not one")])
 def test_unknown_versions_are_refused_clearly(version, words):
     d = msgpack.unpackb(codec.encode_rollout(_rollout()))
@@ -128,3 +130,28 @@ def test_rollout_validates_shapes_and_metadata():
         codec.encode_rollout(Rollout(id="x", token_ids=[1, 2], score_from=1, metadata={"f": object()}))
     with pytest.raises(InvalidRequest, match="teacher_logprobs"):
         ScoredRollout(rollout=_rollout(), teacher_logprobs=np.zeros(3))
+
+
+def test_a_rollout_naming_a_teacher_is_v2_and_round_trips_others_stay_v1():
+    plain, named = _rollout(), dataclasses.replace(_rollout(), teacher="math")
+    assert msgpack.unpackb(codec.encode_rollout(plain))["v"] == 1       # old readers still read these
+    assert msgpack.unpackb(codec.encode_rollout(named))["v"] == 2
+    assert codec.decode_rollout(codec.encode_rollout(named)).teacher == "math"
+    assert codec.decode_rollout(codec.encode_rollout(plain)).teacher == ""
+    s = ScoredRollout(rollout=named, teacher_logprobs=np.zeros(named.n_scored), model_revision="sha256:x",
+                      teacher="math")
+    back = codec.decode_scored(codec.encode_scored(s))
+    assert (back.teacher, back.rollout.teacher, back.model_revision) == ("math", "math", "sha256:x")
+
+
+def test_a_v1_reader_refuses_a_rollout_naming_a_teacher(monkeypatch):
+    """An old scorer must not score it with its default teacher: it says to upgrade instead."""
+    monkeypatch.setattr(codec, "READS", (1,))
+    with pytest.raises(PayloadError, match="format version 2 is newer.*upgrade opd-client"):
+        codec.decode_rollout(codec.encode_rollout(dataclasses.replace(_rollout(), teacher="math")))
+    assert codec.decode_rollout(codec.encode_rollout(_rollout())).id
+
+
+def test_teacher_must_be_a_string():
+    with pytest.raises(InvalidRequest, match="teacher"):
+        dataclasses.replace(_rollout(), teacher=3)

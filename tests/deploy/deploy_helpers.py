@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"
 RULES = REPO / "monitoring" / "rules" / "opd-alerts.yml"
 DASHBOARD = REPO / "monitoring" / "grafana" / "dashboards" / "opd-teacher.json"
-OVERLAYS = ("cpu", "gpu")
+OVERLAYS = ("cpu", "gpu", "multi-teacher")
 WORKLOADS = ("Deployment", "StatefulSet", "Job")
 INSTALL = {
     "promtool": "apt-get install prometheus (Debian)",

@@ -10,7 +10,7 @@ import pytest
 
 from deploy_helpers import COMPOSE, REPO, compose, require_tool, run
 
-PROFILES = ("demo", "gpu")
+PROFILES = ("demo", "gpu", "fleet", "multi-teacher")
 COMBOS = [c for n in range(len(PROFILES) + 1) for c in itertools.combinations(PROFILES, n)]
 
 
@@ -48,6 +48,10 @@ def test_profiles_and_gpu_reservation():
     (dev,) = vllm["deploy"]["resources"]["reservations"]["devices"]
     assert dev["driver"] == "nvidia" and "gpu" in dev["capabilities"]
     assert svcs["teacher"]["environment"]["OPD_HOST"] == "0.0.0.0"
+    assert svcs["teacher-2"]["profiles"] == ["fleet"] and svcs["teacher-2"]["environment"] == svcs["teacher"]["environment"]
+    code = svcs["teacher-code"]
+    assert code["profiles"] == ["multi-teacher"] and code["environment"]["OPD_TEACHER_NAME"] == "code"
+    assert not svcs["teacher-2"]["ports"] and not code["ports"]      # the host ports stay the first teacher's
 
 
 def test_mounted_files_and_dockerfiles_exist():

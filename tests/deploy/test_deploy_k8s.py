@@ -151,7 +151,8 @@ def test_only_the_teacher_scorers_and_trainers_reach_redis(overlay):
     allowed = pol["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
     admitted = {d["metadata"]["name"] for d in docs if d["kind"] in ("Deployment", "StatefulSet", "Job")
                 and allowed.items() <= d["spec"]["template"]["metadata"].get("labels", {}).items()}
-    assert admitted == {"opd-teacher", "opd-scorer", "opd-trainer"}
+    teachers = {d["metadata"]["name"] for d in find(docs, "Deployment") if d["metadata"]["name"].startswith("opd-teacher")}
+    assert admitted == teachers | {"opd-scorer", "opd-trainer"}
     others = pol["spec"]["ingress"][0]["from"][1:]
     assert [o["namespaceSelector"]["matchLabels"] for o in others] == [{"kubernetes.io/metadata.name": "keda"}]
 
@@ -182,7 +183,7 @@ def test_every_secret_reference_exists(overlay):
 
 def test_keda_scales_the_scorer_on_its_rollouts_stream(overlay):
     _, docs = overlay
-    (so,) = find(docs, "ScaledObject")
+    (so,) = find(docs, "ScaledObject", "opd-scorer")
     target = so["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", "opd-scorer") and find(docs, "Deployment", "opd-scorer")
     (trig,) = so["spec"]["triggers"]
@@ -195,13 +196,24 @@ def test_keda_scales_the_scorer_on_its_rollouts_stream(overlay):
     assert trig["authenticationRef"]["name"] == find(docs, "TriggerAuthentication")[0]["metadata"]["name"]
 
 
+def test_keda_scales_the_teacher_on_its_own_load(overlay):
+    _, docs = overlay
+    (so,) = find(docs, "ScaledObject", "opd-teacher")
+    target = so["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", "opd-teacher") and find(docs, "Deployment", "opd-teacher")
+    assert so["spec"]["minReplicaCount"] >= 2          # failover needs a second replica
+    queries = {t["metadata"]["query"] for t in so["spec"]["triggers"] if t["type"] == "prometheus"}
+    assert any("opd_inflight_tokens" in q for q in queries) and any("opd_batcher_queued_sequences" in q for q in queries)
+
+
 def test_servicemonitor_scrapes_teacher_scorer_trainer(overlay):
     _, docs = overlay
     (sm,) = find(docs, "ServiceMonitor")
     sel = sm["spec"]["selector"]["matchLabels"]
     selected = {s["metadata"]["name"]: {p["name"] for p in s["spec"]["ports"]}
                 for s in find(docs, "Service") if sel.items() <= s["metadata"].get("labels", {}).items()}
-    # job label = Service name: must equal the job names of monitoring/prometheus.yml and the rules
-    assert set(selected) == {"opd-teacher", "opd-scorer", "opd-trainer"}
+    # job label = the Service's jobLabel: must equal the job names of monitoring/prometheus.yml and the rules
+    jobs = {s["metadata"]["labels"][sm["spec"]["jobLabel"]] for s in find(docs, "Service") if s["metadata"]["name"] in selected}
+    assert jobs == {"opd-teacher", "opd-scorer", "opd-trainer"}
     endpoint_ports = {e["port"] for e in sm["spec"]["endpoints"]}
     assert all(ports & endpoint_ports for ports in selected.values())

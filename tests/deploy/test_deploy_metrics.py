@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import opd_services.metrics  # noqa: F401  (registers every OPD metric)
 from deploy_helpers import dashboard_exprs, promql_names, rule_exprs, sample_names
 
-OTHER_PROCESSES = ("opd_queue_", "opd_trainer_")  # exported by the scorer and the trainer
+OTHER_PROCESSES = ("opd_queue_", "opd_trainer_", "opd_teacher_replica_")  # exported by the scorer and the trainer
 
 
 def used_names() -> set[str]:

@@ -12,6 +12,7 @@ import yaml
 from deploy_helpers import COMPOSE, DASHBOARD, REPO, RULES, dashboard_exprs, require_tool, run
 
 ALERTS = {"OPDTeacherDown", "OPDTeacherNotReady", "OPDScoreLatencyP99High", "OPDTeacherErrorRate",
+          "OPDTeacherReplicasDisagree", "OPDTeacherReplicaIdentityMismatch",
           "OPDQueueBacklogGrowing", "OPDDeadLetters"}
 
 

@@ -146,7 +146,8 @@ def test_k8s_ports_probes_and_grace_match_settings(overlay):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_k8s_clients_point_at_the_services(overlay):
     docs = render(overlay)
-    grpc_svc = find(docs, "Service", "opd-teacher-grpc")[0]
+    grpc_svc = find(docs, "Service", "opd-teacher-grpc-headless")[0]
+    assert grpc_svc["spec"]["clusterIP"] == "None"     # one DNS record per pod: clients balance per request
     redis_svc = find(docs, "Service", "opd-redis")[0]
     for wl, role, port_field in (("opd-scorer", "scorer", "scorer_metrics_port"),
                                  ("opd-trainer", "trainer", "trainer_metrics_port")):
@@ -155,7 +156,7 @@ def test_k8s_clients_point_at_the_services(overlay):
         env = env_of(c)
         teacher = urlsplit(env["OPD_TEACHER_URL"])
         assert (teacher.scheme, teacher.hostname, teacher.port) == (
-            "grpc", grpc_svc["metadata"]["name"], grpc_svc["spec"]["ports"][0]["port"])
+            "grpc+dns", f"{grpc_svc['metadata']['name']}.opd.svc.cluster.local", grpc_svc["spec"]["ports"][0]["port"])
         redis = urlsplit(env["OPD_REDIS_URL"])
         assert (redis.username, redis.hostname, redis.port) == (role, redis_svc["metadata"]["name"], 6379)
         metrics_port = int(env[f"OPD_{port_field.upper()}"])

@@ -22,11 +22,13 @@ import threading
 from redis.exceptions import RedisError
 
 from opd_client import RetryPolicy, TeacherClient
+from opd_client.teachers import Teachers
 from opd_client.queue import keys
 from opd_client.queue.connection import connect
 from opd_client.queue.consumer import default_consumer_name
 from opd_services import metrics
 from opd_services.config import Settings
+from opd_services.scorer.agreement import ReplicaCheck
 from opd_services.scorer.worker import Experiments, ScorerLoop
 
 log = logging.getLogger(__name__)
@@ -52,14 +54,21 @@ class Scorer:
         self.settings = s
         self.redis = connect(redis_url)
         # the scorer retries forever itself (worker.score); the client's own retries stay short
-        self.teacher = TeacherClient(s.teacher_url, timeout=s.scorer_teacher_timeout_s,
-                                     retry=RetryPolicy(attempts=2, backoff_s=0.05, max_backoff_s=0.2))
+        # (3 tries: a failed replica's retry goes at once to another one)
+        retry = RetryPolicy(attempts=3, backoff_s=0.05, max_backoff_s=0.2)
+        named = s.teachers is not None        # with OPD_TEACHERS, each request names its teacher
+
+        def client(url: str, name: str) -> TeacherClient:
+            return TeacherClient(url, timeout=s.scorer_teacher_timeout_s, retry=retry, teacher=name if named else None)
+        self.teachers = Teachers(s.teacher_urls(), client)
+        self.agreement = ReplicaCheck(s.teacher_urls(), s.replica_check_rate, named=named) \
+            if s.replica_check_rate > 0 else None
         self.experiments = Experiments(self.redis, s.scorer_discovery_s)
         name = default_consumer_name("scorer")
-        self.loops = [ScorerLoop(self.redis, self.teacher, f"{name}-{i}", Experiments(self.redis, s.scorer_discovery_s),
+        self.loops = [ScorerLoop(self.redis, self.teachers, f"{name}-{i}", Experiments(self.redis, s.scorer_discovery_s),
                                  batch_size=s.scorer_batch_size, block_ms=s.scorer_block_ms,
                                  reclaim_idle_s=s.queue_reclaim_idle_s, backoff_max_s=s.scorer_backoff_max_s,
-                                 drain_timeout_s=s.drain_timeout_s)
+                                 drain_timeout_s=s.drain_timeout_s, check=self.agreement and self.agreement.offer)
                       for i in range(s.scorer_concurrency)]
 
     def _gauges(self, stop: threading.Event) -> None:
@@ -73,14 +82,18 @@ class Scorer:
         threads = [threading.Thread(target=loop.run, args=(stop,), name=loop.consumer, daemon=True)
                    for loop in self.loops]
         threads.append(threading.Thread(target=self._gauges, args=(stop,), name="scorer-gauges", daemon=True))
+        if self.agreement is not None:
+            threads.append(threading.Thread(target=self.agreement.run, args=(stop,), name="replica-check", daemon=True))
         for t in threads:
             t.start()
-        log.info("scorer up: %d loop(s), batch %d, teacher %s", len(self.loops), self.settings.scorer_batch_size,
-                 self.settings.teacher_url)
+        log.info("scorer up: %d loop(s), batch %d, teachers %s", len(self.loops), self.settings.scorer_batch_size,
+                 self.teachers.urls)
         stop.wait()
         for t in threads:
             t.join(self.settings.drain_timeout_s + 5)
-        self.teacher.close()
+        self.teachers.close()
+        if self.agreement is not None:
+            self.agreement.close()
         self.redis.close()
 
 

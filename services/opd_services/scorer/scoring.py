@@ -1,6 +1,9 @@
-"""Score a batch of decoded rollouts through the teacher; isolate the ones it refuses.
+"""Score a batch of decoded rollouts through their teachers; isolate the ones refused.
 
-Rollouts are grouped by the top_k they ask for (one teacher request per group). When the
+Each rollout goes to its teacher: the one it names, else its experiment's default, else
+the scorer's default (opd_client.teachers); a name the scorer does not know makes it a dead
+letter naming the known ones. Rollouts are grouped by teacher and by the top_k they ask
+for (one teacher request per group). When the
 teacher refuses a request as invalid, the refused sequence is found (the error names
 `sequences[i]`, else the batch is halved until it is) and only that rollout is marked dead
 with the teacher's reason; the rest are scored. Transient failures (teacher unreachable,
@@ -16,7 +19,8 @@ from dataclasses import dataclass
 
 from opd_client import TeacherClient
 from opd_client.codec import encode_scored
-from opd_client.errors import InvalidRequest, OPDError
+from opd_client.errors import InvalidRequest, NotFound, OPDError
+from opd_client.teachers import Teachers
 from opd_client.types import Rollout, ScoredRollout, Sequence
 from opd_services.scorer.publish import Outcome
 
@@ -39,18 +43,26 @@ class Item:
     rollout: Rollout
 
 
-def score_items(teacher: TeacherClient, items: list[Item]) -> list[Outcome]:
-    """One Outcome per item, in no particular order. Raises TeacherDown on transient failure."""
-    by_k: dict[int, list[Item]] = {}
-    for it in items:
-        by_k.setdefault(it.rollout.top_k, []).append(it)
+def score_items(teachers: Teachers, items: list[Item], default: str = "", check=None) -> list[Outcome]:
+    """One Outcome per item, in no particular order. Raises TeacherDown on transient failure.
+    `default`: the experiment's default teacher ("" = the scorer's). `check(name, seqs, resp)`,
+    if given, sees every answered request (the replica agreement sampler)."""
+    groups: dict[tuple[str, int], list[Item]] = {}
     out: list[Outcome] = []
-    for k, group in by_k.items():
-        out += _score_group(teacher, group, k)
+    for it in items:
+        name = it.rollout.teacher or default
+        try:
+            teachers.get(name)
+        except NotFound as e:
+            out.append(Outcome(it.entry_id, it.raw, dead_reason=f"teacher: {e}", rollout_id=it.rollout.id))
+            continue
+        groups.setdefault((name or teachers.default, it.rollout.top_k), []).append(it)
+    for (name, k), group in groups.items():
+        out += _score_group(teachers.get(name), group, k, check and (lambda s, r, n=name: check(n, s, r)))
     return out
 
 
-def _score_group(teacher: TeacherClient, items: list[Item], top_k: int) -> list[Outcome]:
+def _score_group(teacher: TeacherClient, items: list[Item], top_k: int, check=None) -> list[Outcome]:
     out = [_dead(it, err, by="the scorer refused it") for it in items if (err := _local_check(it.rollout))]
     items = [it for it in items if not _local_check(it.rollout)]
     if not items:
@@ -63,11 +75,13 @@ def _score_group(teacher: TeacherClient, items: list[Item], top_k: int) -> list[
         return out + _isolate(teacher, items, top_k, e)
     except OPDError as e:
         raise TeacherDown(e) from e
-    now, rev = time.time(), resp.model.revision
+    if check is not None:
+        check(seqs, resp)
+    now, rev, name = time.time(), resp.model.revision, resp.model.teacher or teacher.teacher
     for it, res in zip(items, resp.results):
         try:
             s = ScoredRollout(rollout=it.rollout, teacher_logprobs=res.logprobs_T, top_ids=res.top_ids_T_K,
-                              top_logprobs=res.top_logprobs_T_K, model_revision=rev, scored_at=now)
+                              top_logprobs=res.top_logprobs_T_K, model_revision=rev, scored_at=now, teacher=name)
         except InvalidRequest as e:   # the teacher's answer does not fit the rollout: never publish it
             out.append(_dead(it, InvalidRequest(e.field, f"teacher answer does not fit the rollout: {e.reason}")))
             continue

@@ -5,7 +5,8 @@ Each `ScorerLoop` is one consumer of the `scorers` group on every `opd:{EXP}:rol
      ones, visiting experiments by weighted fair queuing on tokens (fair.py: the most owed
      first, so a busy experiment cannot starve a quiet one and weights set the shares);
   2) decode; a corrupt payload becomes a dead letter at once;
-  3) score through the teacher (gRPC, opd_client), retrying transient failures with
+  3) score through each rollout's teacher (gRPC, opd_client; scoring.py routes by name and
+     the client spreads over that teacher's replicas), retrying transient failures with
      backoff for as long as it takes; a rollout the teacher refuses becomes a dead letter;
   4) publish + ack in one atomic step (publish.py), then trim consumed rollouts.
 Stopping (`stop` event): the loop finishes the batch in hand if the teacher answers within
@@ -24,7 +25,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 from redis.exceptions import RedisError, ResponseError
 
-from opd_client import TeacherClient
+from opd_client.teachers import Teachers
 from opd_client.codec import PayloadError, decode_rollout
 from opd_client.queue import keys
 from opd_services import metrics
@@ -38,12 +39,14 @@ _RELEASED_IDLE_MS = 10 ** 10     # "idle forever": any scorer's next XAUTOCLAIM 
 
 class Experiments:
     """Experiments with a rollout stream, found by SCAN (all cluster nodes), and their weights
-    from the registry (1 when unregistered), refreshed now and then."""
+    and default teachers from the registry (1 and the scorer's default when unregistered),
+    refreshed now and then."""
 
     def __init__(self, redis, refresh_s: float):
         self.redis, self.refresh_s = redis, refresh_s
         self.names: list[str] = []
         self.weights: dict[str, float] = {}
+        self.teachers: dict[str, str] = {}
         self._next = 0.0
 
     def current(self) -> list[str]:
@@ -54,29 +57,38 @@ class Experiments:
                 keys.ensure_group(self.redis, keys.rollouts_key(exp), keys.GROUP_SCORERS)
                 log.info("scoring experiment %r", exp)
             self.names = sorted(found)
-            self.weights = registry_weights(self.redis)
+            records = registry_records(self.redis)
+            self.weights = {n: e.weight for n, e in records.items()}
+            self.teachers = {n: e.teacher for n, e in records.items() if e.teacher}
             self._next = time.monotonic() + self.refresh_s
         return self.names
 
     def weight(self, exp: str) -> float:
         return self.weights.get(exp, 1.0)
 
+    def teacher(self, exp: str) -> str:
+        """The experiment's default teacher; "" = the scorer's default."""
+        return self.teachers.get(exp, "")
 
-def registry_weights(redis) -> dict[str, float]:
-    """Weights of registered experiments; {} when the registry cannot be read (no tenancy, or
-    a scorer whose Redis user may not read it): every experiment then weighs the same."""
+
+def registry_records(redis) -> dict:
+    """Registered experiments by name; {} when the registry cannot be read (no tenancy, or a
+    scorer whose Redis user may not read it): every experiment then weighs the same and
+    uses the scorer's default teacher."""
     from opd_services.tenancy.registry import EXPERIMENTS, Experiment
     try:
-        return {e.name: e.weight for e in map(Experiment.from_json, redis.hgetall(EXPERIMENTS).values())}
+        return {e.name: e for e in map(Experiment.from_json, redis.hgetall(EXPERIMENTS).values())}
     except RedisError as e:
-        log.debug("experiment weights unavailable (%s): equal shares", e)
+        log.debug("experiment records unavailable (%s): equal shares, default teacher", e)
         return {}
 
 
 class ScorerLoop:
-    def __init__(self, redis, teacher: TeacherClient, consumer: str, experiments: Experiments, *,
-                 batch_size: int, block_ms: int, reclaim_idle_s: float, backoff_max_s: float, drain_timeout_s: float):
-        self.redis, self.teacher, self.consumer, self.experiments = redis, teacher, consumer, experiments
+    def __init__(self, redis, teachers: Teachers, consumer: str, experiments: Experiments, *,
+                 batch_size: int, block_ms: int, reclaim_idle_s: float, backoff_max_s: float, drain_timeout_s: float,
+                 check=None):
+        self.redis, self.teachers, self.consumer, self.experiments = redis, teachers, consumer, experiments
+        self.check = check            # the replica agreement sampler (agreement.py), or None
         self.batch_size, self.block_ms = batch_size, block_ms
         self.reclaim_idle_ms = int(reclaim_idle_s * 1000)
         self.backoff_max_s, self.drain_timeout_s = backoff_max_s, drain_timeout_s
@@ -147,7 +159,7 @@ class ScorerLoop:
         attempt, self._drain_deadline = 0, None
         while True:
             try:
-                return self._call_teacher(items, stop) if items else []
+                return self._call_teacher(exp, items, stop) if items else []
             except TeacherDown as e:
                 metrics.QUEUE_TEACHER_RETRIES.inc()
                 wait = max(e.retry_after, random.uniform(0, min(self.backoff_max_s, 0.1 * 2 ** attempt)))
@@ -170,14 +182,15 @@ class ScorerLoop:
             self._drain_deadline = time.monotonic() + self.drain_timeout_s
         return time.monotonic() >= self._drain_deadline
 
-    def _call_teacher(self, items: list[Item], stop: threading.Event) -> list[Outcome] | None:
+    def _call_teacher(self, exp: str, items: list[Item], stop: threading.Event) -> list[Outcome] | None:
         """score_items on a helper thread, so a stop can give up on a teacher slower than the drain:
         None then (the late answer is dropped; the caller releases the batch)."""
         answer: Future[list[Outcome]] = Future()
+        default_teacher = self.experiments.teacher(exp)
 
         def call() -> None:
             try:
-                answer.set_result(score_items(self.teacher, items))
+                answer.set_result(score_items(self.teachers, items, default_teacher, self.check))
             except BaseException as e:  # raised again in the loop's thread by answer.result()
                 answer.set_exception(e)
         threading.Thread(target=call, name=f"{self.consumer}-teacher", daemon=True).start()
@@ -202,7 +215,8 @@ class ScorerLoop:
         metrics.QUEUE_SCORED.labels(exp).inc(scored)
         for o, d in zip(outcomes, done):
             if d and o.dead:
-                metrics.QUEUE_DEAD.labels(exp, "corrupt" if o.dead_reason.startswith("corrupt") else "invalid").inc()
+                kind = next((k for k in ("corrupt", "teacher") if o.dead_reason.startswith(k)), "invalid")
+                metrics.QUEUE_DEAD.labels(exp, kind).inc()
                 log.warning("dead-lettered rollout %s of %r: %s", o.rollout_id or o.entry_id, exp, o.dead_reason)
         if len(done) - sum(done):
             log.info("%d rollout(s) of %r were taken over by another scorer meanwhile; left to it",

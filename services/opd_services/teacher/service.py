@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import numpy as np
 from opd_client.types import ModelInfo
 from opd_services import metrics
 from opd_services.config import Settings
-from opd_services.errors import InvalidRequest, ResourceExhausted, Unavailable
+from opd_services.errors import InvalidRequest, NotFound, ResourceExhausted, Unavailable
 from opd_services.teacher.batcher import Batcher
 from opd_services.teacher.engines.base import Engine, GenerateItem, ItemScores, Sampled, SampleParams, ScoreItem
 from opd_services.tenancy.auth import DEFAULT, Authenticator, Tenant, UsageRecorder
@@ -42,6 +43,7 @@ class ScoreRequest:
     temperature: float = 1.0
     entropy: bool = False
     rank: bool = False              # the actual token's rank per position (the vLLM dialect needs it)
+    teacher: str = ""               # the teacher meant; "" = this one, another name -> NotFound
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +101,7 @@ class ScoringService:
         """Load the engine off the event loop (health answers meanwhile), then start batching."""
         self.engine = await asyncio.to_thread(self._engine_factory)
         s = self.settings
+        self.engine.info = dataclasses.replace(self.engine.info, teacher=s.teacher_name)
         on_time = None
         if self.usage is not None:
             loop, usage = asyncio.get_running_loop(), self.usage
@@ -175,6 +178,10 @@ class ScoringService:
 
     async def score(self, req: ScoreRequest, tenant: Tenant = DEFAULT) -> ScoreResult:
         self._check_ready()
+        if req.teacher and req.teacher != self.settings.teacher_name:
+            raise NotFound(f"teacher {req.teacher!r} is not served here: this is teacher "
+                           f"{self.settings.teacher_name!r}; point the client at {req.teacher!r}'s replicas "
+                           "(OPD_TEACHERS on a scorer)")
         items = self._validated(self.validate, req, tenant)
         tokens = sum(it.n_tokens for it in items)
         with self._in_flight(tenant, tokens):

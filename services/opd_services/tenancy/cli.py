@@ -23,6 +23,7 @@ def add_parser(sub) -> None:
         op.add_argument("--weight", type=float, help="share of teacher time relative to others (default 1)")
         op.add_argument("--max-inflight-tokens", type=int, help="tokens in flight at the teacher; over it -> 429")
         op.add_argument("--max-backlog", type=int, help="rollouts waiting + being scored; over it -> QueueFull")
+        op.add_argument("--teacher", help="default teacher of its rollouts (a name in the scorers' OPD_TEACHERS)")
     ops.add_parser("list", help="list experiments")
     for name, text in (("show", "an experiment and its usage"), ("rotate-key", "issue a new API key"),
                        ("delete", "revoke an experiment's credentials")):
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("OPD_REDIS_URL is unset: `opd experiments` manages the registry of a running "
                           "deployment; point it at that Redis (redis://admin:PASSWORD@HOST:6379)")
     reg = Registry(connect(settings.redis_url))
-    limits = {k: getattr(args, k, None) for k in ("weight", "max_inflight_tokens", "max_backlog")}
+    limits = {k: getattr(args, k, None) for k in ("weight", "max_inflight_tokens", "max_backlog", "teacher")}
     if args.op == "create":
         creds = reg.create(args.name, **{k: v for k, v in limits.items() if v is not None})
         out = asdict(creds)
@@ -55,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.op == "list":
         out = [e.public() for e in reg.list()]
         text = "\n".join(f"{e['name']:<24} weight={e['weight']:<6g} max_inflight_tokens={e['max_inflight_tokens']} "
-                         f"max_backlog={e['max_backlog']}" for e in out) or "no experiments"
+                         f"max_backlog={e['max_backlog']} teacher={e['teacher'] or '(default)'}"
+                         for e in out) or "no experiments"
     elif args.op == "show":
         out = {**reg.require(args.name).public(), "usage": reg.usage(args.name)}
         text = _fmt(out)

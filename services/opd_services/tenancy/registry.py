@@ -51,13 +51,18 @@ class Experiment:
     acl_password_hash: str = ""
     created_at: float = field(default_factory=time.time)
     key_rotated_at: float = field(default_factory=time.time)
+    teacher: str | None = None                 # default teacher of its rollouts; None = the scorer's default
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        d = asdict(self)
+        if d["teacher"] is None:      # records without it stay readable by releases before teachers
+            del d["teacher"]
+        return json.dumps(d)
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> "Experiment":
-        return cls(**json.loads(raw))
+        d = json.loads(raw)
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})   # newer fields: ignored
 
     def public(self) -> dict:
         """What an operator may see: everything but the hashes."""
@@ -76,6 +81,13 @@ class Credentials:
     api_key: str
     redis_user: str
     redis_password: str | None
+
+
+def check_teacher(teacher) -> None:
+    from opd_client.teachers import NAME
+    if teacher is not None and (not isinstance(teacher, str) or not NAME.match(teacher)):
+        raise InvalidRequest("teacher", f"must be a teacher's name (lower-case letters, digits, '_', '.', '-'), "
+                                        f"got {teacher!r}")
 
 
 def check_limits(weight, max_inflight_tokens, max_backlog) -> None:
@@ -116,11 +128,13 @@ class Registry:
     # ---- writes --------------------------------------------------------------------------
 
     def create(self, name: str, *, weight: float = 1.0, max_inflight_tokens: int | None = None,
-               max_backlog: int | None = None) -> Credentials:
+               max_backlog: int | None = None, teacher: str | None = None) -> Credentials:
         check_experiment(name)
         check_limits(weight, max_inflight_tokens, max_backlog)
+        check_teacher(teacher)
         key, password = "opd_" + secrets.token_urlsafe(32), secrets.token_urlsafe(32)
-        exp = Experiment(name, float(weight), max_inflight_tokens, max_backlog, sha256(key), sha256(password))
+        exp = Experiment(name, float(weight), max_inflight_tokens, max_backlog, sha256(key), sha256(password),
+                         teacher=teacher)
         if not self.redis.hsetnx(EXPERIMENTS, name, exp.to_json()):
             raise InvalidRequest("name", f"experiment {name!r} already exists; use `update` or `rotate-key`")
         self.redis.hset(KEYS, exp.key_hash, name)
@@ -128,9 +142,12 @@ class Registry:
         return Credentials(name, key, acl_user(name), password)
 
     def update(self, name: str, *, weight: float | None = None, max_inflight_tokens: int | None = None,
-               max_backlog: int | None = None) -> Experiment:
+               max_backlog: int | None = None, teacher: str | None = None) -> Experiment:
         check_limits(weight, max_inflight_tokens, max_backlog)
+        check_teacher(teacher)
         exp = self.require(name)
+        if teacher is not None:
+            exp.teacher = teacher
         if weight is not None:
             exp.weight = float(weight)
         if max_inflight_tokens is not None:

@@ -99,6 +99,11 @@ def test_admin_manages_experiments_over_http(tenant_teacher, registry):
     assert shown["weight"] == 2 and "key_hash" not in shown and shown["redis_user"] == acl_user(n)
     r = httpx.patch(f"{url}/v1/admin/experiments/{n}", headers=admin, json={"weight": 0})
     assert r.status_code == 422 and r.json()["error"]["field"] == "weight"
+    assert shown["teacher"] is None                                  # the scorers' default teacher
+    r = httpx.patch(f"{url}/v1/admin/experiments/{n}", headers=admin, json={"teacher": "math"})
+    assert r.status_code == 200 and r.json()["teacher"] == "math"
+    r = httpx.patch(f"{url}/v1/admin/experiments/{n}", headers=admin, json={"teacher": "Math!"})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "teacher"
     r = httpx.post(f"{url}/v1/admin/experiments", headers=admin, json={"name": "bad name{x}"})
     assert r.status_code == 422 and r.json()["error"]["field"] == "experiment"
     assert httpx.delete(f"{url}/v1/admin/experiments/{n}", headers=admin).status_code == 200
@@ -156,6 +161,8 @@ def test_cli_manages_experiments(redis_server):
     assert '"weight": 3.0' in shown.stdout and '"scored_tokens"' in shown.stdout and "key_hash" not in shown.stdout
     bad = opd("update", n, "--weight", "-1")
     assert bad.returncode == 1 and "weight" in bad.stderr
+    routed = opd("update", n, "--teacher", "code")
+    assert routed.returncode == 0 and '"teacher": "code"' in routed.stdout
     assert opd("delete", n).returncode == 0
     missing = opd("show", n)
     assert missing.returncode == 1 and "no experiment named" in missing.stderr
@@ -185,3 +192,16 @@ def test_acl_users_come_back_after_a_redis_restart(cache_dir):
                 except (redis.exceptions.AuthenticationError, redis.exceptions.ConnectionError):
                     assert time.monotonic() < deadline, "ACL user not recreated"
                     time.sleep(0.1)
+
+
+def test_records_stay_readable_across_releases():
+    """A record without a default teacher is written as before (older readers take it), and a
+    record from a newer release with fields this one does not know still reads."""
+    import json
+
+    from opd_services.tenancy.registry import Experiment
+    assert "teacher" not in json.loads(Experiment("a").to_json())
+    assert json.loads(Experiment("a", teacher="math").to_json())["teacher"] == "math"
+    newer = json.dumps({**json.loads(Experiment("b").to_json()), "some_future_field": 1})
+    assert Experiment.from_json(newer).name == "b"
+

@@ -29,6 +29,7 @@ class ExperimentSpec(BaseModel):
     weight: float = Field(1.0, description="Share of teacher time relative to other experiments.")
     max_inflight_tokens: int | None = Field(None, description="Tokens in flight at the teacher; over it -> 429.")
     max_backlog: int | None = Field(None, description="Rollouts waiting + being scored; over it -> QueueFull.")
+    teacher: str | None = Field(None, description="Default teacher of its rollouts (a name in the scorers' OPD_TEACHERS); unset = the scorers' default.")
 
 
 class ExperimentPatch(BaseModel):
@@ -36,6 +37,7 @@ class ExperimentPatch(BaseModel):
     weight: float | None = None
     max_inflight_tokens: int | None = None
     max_backlog: int | None = None
+    teacher: str | None = None
 
 
 def admin_router(registry: Registry, tenant_dep) -> APIRouter:
@@ -56,7 +58,8 @@ def admin_router(registry: Registry, tenant_dep) -> APIRouter:
     @router.post("/v1/admin/experiments", status_code=201, dependencies=[Depends(admin)])
     async def create(spec: ExperimentSpec):
         return asdict(await run(registry.create, spec.name, weight=spec.weight,
-                                max_inflight_tokens=spec.max_inflight_tokens, max_backlog=spec.max_backlog))
+                                max_inflight_tokens=spec.max_inflight_tokens, max_backlog=spec.max_backlog,
+                                teacher=spec.teacher))
 
     @router.get("/v1/admin/experiments/{name}", dependencies=[Depends(admin)])
     async def show(name: str):

@@ -15,7 +15,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from opd_services import metrics
-from opd_services.errors import (InvalidRequest, OPDError, PayloadTooLarge, PermissionDenied,
+from opd_services.errors import (InvalidRequest, NotFound, OPDError, PayloadTooLarge, PermissionDenied,
                                  ResourceExhausted, Unauthenticated, Unavailable)
 from opd_services.tenancy.auth import Tenant
 
@@ -37,6 +37,8 @@ def error_status(err: Exception) -> tuple[int, dict]:
         return 401, {"www-authenticate": "Bearer"}
     if isinstance(err, PermissionDenied):
         return 403, {}
+    if isinstance(err, NotFound):
+        return 404, {}
     if isinstance(err, ResourceExhausted):
         return 429, {"retry-after": str(max(1, round(err.retry_after)))}
     if isinstance(err, Unavailable):

@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from opd_client._proto.opd.teacher.v1 import teacher_pb2 as pb
 from opd_services import metrics
-from opd_services.errors import (InvalidRequest, OPDError, PermissionDenied, ResourceExhausted,
+from opd_services.errors import (InvalidRequest, NotFound, OPDError, PermissionDenied, ResourceExhausted,
                                  Unauthenticated, Unavailable)
 from opd_services.teacher.surfaces.protocol import (generate_from_proto, generate_proto, model_proto, request_from_proto,
                                            result_proto)
@@ -35,6 +35,8 @@ def _status(err: Exception) -> tuple[grpc.StatusCode, str, tuple]:
         return grpc.StatusCode.UNAUTHENTICATED, err.message, ()
     if isinstance(err, PermissionDenied):
         return grpc.StatusCode.PERMISSION_DENIED, err.message, ()
+    if isinstance(err, NotFound):
+        return grpc.StatusCode.NOT_FOUND, err.message, ()
     if isinstance(err, ResourceExhausted):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, err.message, (("retry-after", str(max(1, round(err.retry_after)))),)
     if isinstance(err, Unavailable):

@@ -33,12 +33,13 @@ class ScoreRequestJSON(BaseModel):
     top_k: StrictInt = Field(0, description="Teacher top-k per position, 0 .. server max.")
     temperature: float = Field(1.0, description="Logits are divided by it before log-softmax; > 0.")
     entropy: StrictBool = Field(False, description="Also return the teacher's entropy per position.")
+    teacher: str = Field("", description="The teacher meant (its OPD_TEACHER_NAME); another name -> 404. Empty = any.")
 
     def to_request(self) -> ScoreRequest:
         return ScoreRequest(
             sequences=[SequenceIn(token_ids=s.token_ids, score_from=s.score_from, id=s.id,
                                   candidate_ids=s.candidate_ids) for s in self.sequences],
-            top_k=self.top_k, temperature=self.temperature, entropy=self.entropy)
+            top_k=self.top_k, temperature=self.temperature, entropy=self.entropy, teacher=self.teacher)
 
 
 class ModelJSON(BaseModel):
@@ -50,6 +51,7 @@ class ModelJSON(BaseModel):
     vocab_size: int
     max_model_len: int
     max_top_k: int
+    teacher: str = ""
 
 
 class SequenceResultJSON(BaseModel):
@@ -153,7 +155,8 @@ def request_from_proto(msg: pb.ScoreRequest) -> ScoreRequest:
         seqs.append(SequenceIn(token_ids=np.array(s.token_ids, dtype=np.int64),
                                score_from=s.score_from or 1, id=s.id, candidate_ids=cands))
     temperature = msg.temperature if msg.HasField("temperature") else 1.0
-    return ScoreRequest(sequences=seqs, top_k=msg.top_k, temperature=temperature, entropy=msg.entropy)
+    return ScoreRequest(sequences=seqs, top_k=msg.top_k, temperature=temperature, entropy=msg.entropy,
+                        teacher=msg.teacher)
 
 
 def model_proto(info: ModelInfo) -> pb.ModelInfo:

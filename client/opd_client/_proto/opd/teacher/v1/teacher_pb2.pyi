@@ -21,16 +21,18 @@ class Sequence(_message.Message):
     def __init__(self, id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., score_from: _Optional[int] = ..., candidate_ids: _Optional[_Iterable[int]] = ..., candidate_width: _Optional[int] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("sequences", "top_k", "temperature", "entropy")
+    __slots__ = ("sequences", "top_k", "temperature", "entropy", "teacher")
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     ENTROPY_FIELD_NUMBER: _ClassVar[int]
+    TEACHER_FIELD_NUMBER: _ClassVar[int]
     sequences: _containers.RepeatedCompositeFieldContainer[Sequence]
     top_k: int
     temperature: float
     entropy: bool
-    def __init__(self, sequences: _Optional[_Iterable[_Union[Sequence, _Mapping]]] = ..., top_k: _Optional[int] = ..., temperature: _Optional[float] = ..., entropy: _Optional[bool] = ...) -> None: ...
+    teacher: str
+    def __init__(self, sequences: _Optional[_Iterable[_Union[Sequence, _Mapping]]] = ..., top_k: _Optional[int] = ..., temperature: _Optional[float] = ..., entropy: _Optional[bool] = ..., teacher: _Optional[str] = ...) -> None: ...
 
 class SequenceResult(_message.Message):
     __slots__ = ("id", "logprobs", "top_ids", "top_logprobs", "candidate_logprobs", "candidate_width", "entropy")
@@ -59,7 +61,7 @@ class Usage(_message.Message):
     def __init__(self, scored_tokens: _Optional[int] = ..., total_tokens: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "engine", "engine_version", "dtype", "revision", "vocab_size", "max_model_len", "max_top_k")
+    __slots__ = ("name", "engine", "engine_version", "dtype", "revision", "vocab_size", "max_model_len", "max_top_k", "teacher")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     ENGINE_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +70,7 @@ class ModelInfo(_message.Message):
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     MAX_TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TEACHER_FIELD_NUMBER: _ClassVar[int]
     name: str
     engine: str
     engine_version: str
@@ -76,7 +79,8 @@ class ModelInfo(_message.Message):
     vocab_size: int
     max_model_len: int
     max_top_k: int
-    def __init__(self, name: _Optional[str] = ..., engine: _Optional[str] = ..., engine_version: _Optional[str] = ..., dtype: _Optional[str] = ..., revision: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., max_top_k: _Optional[int] = ...) -> None: ...
+    teacher: str
+    def __init__(self, name: _Optional[str] = ..., engine: _Optional[str] = ..., engine_version: _Optional[str] = ..., dtype: _Optional[str] = ..., revision: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., max_top_k: _Optional[int] = ..., teacher: _Optional[str] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("model", "results", "top_k", "usage")
