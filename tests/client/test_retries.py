@@ -19,7 +19,7 @@ import pytest
 
 from opd_client import (AsyncTeacherClient, InvalidRequest, ResourceExhausted, RetryPolicy, TeacherClient,
                         Unavailable)
-from opd_client.errors import InternalError, PayloadTooLarge, PermissionDenied, Unauthenticated
+from opd_client.errors import InternalError, NotFound, PayloadTooLarge, PermissionDenied, Unauthenticated
 
 POLICY = RetryPolicy(attempts=3, backoff_s=0.01, max_backoff_s=0.01)
 
@@ -109,7 +109,7 @@ def score(url: str, is_async: bool):
 
 HTTP_CASES = [(502, Unavailable, 3), (503, Unavailable, 3), (504, Unavailable, 3),
               (400, InvalidRequest, 1), (401, Unauthenticated, 1), (403, PermissionDenied, 1),
-              (404, InternalError, 1), (413, PayloadTooLarge, 1), (422, InvalidRequest, 1),
+              (404, NotFound, 1), (413, PayloadTooLarge, 1), (422, InvalidRequest, 1),
               (429, ResourceExhausted, 1), (500, InternalError, 1)]
 
 
@@ -129,6 +129,7 @@ GRPC_CASES = [(grpc.StatusCode.UNAVAILABLE, Unavailable, 3),
               (grpc.StatusCode.RESOURCE_EXHAUSTED, ResourceExhausted, 1),
               (grpc.StatusCode.UNAUTHENTICATED, Unauthenticated, 1),
               (grpc.StatusCode.PERMISSION_DENIED, PermissionDenied, 1),
+              (grpc.StatusCode.NOT_FOUND, NotFound, 1),
               (grpc.StatusCode.INTERNAL, InternalError, 1)]
 
 
