@@ -23,6 +23,7 @@ OVERLAYS = ("cpu", "gpu")
 WORKLOADS = ("Deployment", "StatefulSet", "Job")
 INSTALL = {
     "promtool": "apt-get install prometheus (Debian)",
+    "prometheus": "apt-get install prometheus (Debian)",
     "docker-compose": "apt-get install docker-compose (Debian)",
     "kubectl": ("install kubectl >= 1.22 (embedded kustomize v4.2+), e.g. the `kubectl` package of the "
                 "Kubernetes or Google Cloud apt repository; Debian's kubernetes-client 1.20 is too old"),
@@ -145,3 +146,13 @@ def sample_names(registry) -> set[str]:
     for fam in registry.collect():
         names.update(fam.name + s for s in suffixes[fam.type])
     return names
+
+
+def k8s_writable_paths(workload: str) -> list[str]:
+    """mountPaths of a k8s/base workload's first container that are not read-only: with
+    readOnlyRootFilesystem, the only places the process may write."""
+    base = [d for path in sorted((REPO / "k8s" / "base").glob("*.yaml")) for d in yaml.safe_load_all(path.read_text()) if d]
+    (doc,) = [d for d in base if d.get("kind") in WORKLOADS and d["metadata"]["name"] == workload]
+    container = doc["spec"]["template"]["spec"]["containers"][0]
+    assert container.get("securityContext", {}).get("readOnlyRootFilesystem") is True, workload
+    return [m["mountPath"] for m in container.get("volumeMounts", []) if not m.get("readOnly")]
