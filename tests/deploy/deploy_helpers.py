@@ -4,6 +4,7 @@ this module asserts nothing."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import socket
@@ -47,8 +48,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(cmd: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+def run(cmd: list[str], timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **env} if env else None)
 
 
 @lru_cache(maxsize=None)
@@ -96,9 +98,15 @@ def compose() -> dict:
     return yaml.safe_load(COMPOSE.read_text())
 
 
-def compose_value(v: str) -> str:
-    """Resolve compose's ${VAR:-default} to its default (what `docker compose` uses when unset)."""
-    return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(v))
+# What a user puts in .env next to docker-compose.yml (the variables compose requires).
+COMPOSE_ENV = {"OPD_REDIS_ADMIN_PASSWORD": "0123456789abcdef0123456789abcdef"}
+
+
+def compose_value(v: str, env: dict[str, str] = COMPOSE_ENV) -> str:
+    """Resolve compose's ${VAR:-default} (the default: what `docker compose` uses when unset) and
+    ${VAR:?message} (the .env value, COMPOSE_ENV)."""
+    v = re.sub(r"\$\{([A-Z_]+):\?[^}]*\}", lambda m: env[m.group(1)], str(v))
+    return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", v)
 
 
 def raw_k8s_docs() -> list[dict]:
@@ -156,3 +164,32 @@ def k8s_writable_paths(workload: str) -> list[str]:
     container = doc["spec"]["template"]["spec"]["containers"][0]
     assert container.get("securityContext", {}).get("readOnlyRootFilesystem") is True, workload
     return [m["mountPath"] for m in container.get("volumeMounts", []) if not m.get("readOnly")]
+
+
+def compose_redis_acl() -> list[list[str]]:
+    """The `--user` directives of the compose file's redis command, each as ACL SETUSER args."""
+    rules: list[list[str]] = []
+    current = None
+    for arg in (compose_value(a) for a in compose()["services"]["redis"]["command"][1:]):
+        if arg.startswith("--"):
+            current = [] if arg == "--user" else None
+            if current is not None:
+                rules.append(current)
+        elif current is not None:
+            current.append(arg)
+    return rules
+
+
+def close_like_compose(url: str) -> None:
+    """Give a running (open) Redis the compose file's ACL users; the default user goes last."""
+    import redis
+    r = redis.Redis.from_url(url)
+    for rule in sorted(compose_redis_acl(), key=lambda rule: rule[0] == "default"):
+        r.execute_command("ACL", "SETUSER", *rule)
+    r.close()
+
+
+def compose_url(url: str, port: int) -> str:
+    """A compose URL (service names) pointed at a loopback port."""
+    return re.sub(r"@?(redis|teacher|scorer):\d+", lambda m: f"{m.group(0)[0] if m.group(0)[0] == '@' else ''}"
+                  f"127.0.0.1:{port}", url)
