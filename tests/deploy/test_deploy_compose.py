@@ -51,7 +51,7 @@ def test_redis_keeps_an_append_only_file_on_a_volume():
 
 def test_profiles_and_gpu_reservation():
     svcs = compose()["services"]
-    assert svcs["trainer"]["profiles"] == ["demo"] and svcs["trainer"]["command"] == ["train"]
+    assert svcs["trainer"]["profiles"] == ["demo"] and svcs["trainer"]["command"][0] == "train"
     assert svcs["scorer"]["command"] == ["scorer"] and "profiles" not in svcs["scorer"]
     vllm = svcs["teacher-vllm"]
     assert vllm["profiles"] == ["gpu"] and vllm["environment"]["OPD_ENGINE"] == "vllm"
