@@ -12,7 +12,7 @@ import yaml
 from deploy_helpers import COMPOSE, DASHBOARD, REPO, RULES, dashboard_exprs, require_tool, run
 
 ALERTS = {"OPDTeacherDown", "OPDTeacherNotReady", "OPDScoreLatencyP99High", "OPDTeacherErrorRate",
-          "OPDQueueBacklogGrowing", "OPDDeadLetters"}
+          "OPDScorersDown", "OPDQueueBacklogGrowing", "OPDDeadLetters"}
 
 
 def test_promtool_check_config_loads_the_rules():

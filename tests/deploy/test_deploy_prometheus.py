@@ -3,7 +3,8 @@ test copy of monitoring/prometheus.yml (same jobs and paths; static loopback tar
 Docker DNS; 1 s scrape and evaluation) and the alert rules (same expressions; `for:` cut to
 seconds). Checked: every target up; every dashboard and alert expression evaluates and returns
 series once traffic has flowed; killing the teacher takes OPDTeacherDown through pending to
-firing; rollouts piling up with no scoring fire OPDQueueBacklogGrowing."""
+firing; rollouts piling up that nothing can score fire OPDQueueBacklogGrowing, and with no scorer
+at all (nothing exports the backlog then) OPDScorersDown fires."""
 from __future__ import annotations
 
 import os
@@ -215,3 +216,14 @@ def test_rollouts_piling_up_fire_backlog_growing(stack):
             time.sleep(1.5)
     until(lambda: "firing" in _alert_states(stack, "OPDQueueBacklogGrowing"), 60,
           "OPDQueueBacklogGrowing firing", stack)
+
+
+def test_no_scorer_fires_scorers_down(stack):
+    """With no scorer, rollouts pile up and nothing exports the backlog: OPDScorersDown says so."""
+    from opd_client.queue import Rollout, RolloutProducer
+    stack.procs["scorer"].terminate()
+    stack.procs["scorer"].wait(30)
+    with RolloutProducer(stack.redis.url, "pileup") as q:
+        q.push([Rollout(id=f"late-{i}", token_ids=np.array([1, 2, 3], np.int32), score_from=1) for i in range(20)])
+    until(lambda: "pending" in _alert_states(stack, "OPDScorersDown"), 60, "OPDScorersDown pending", stack)
+    until(lambda: "firing" in _alert_states(stack, "OPDScorersDown"), 60, "OPDScorersDown firing", stack)
