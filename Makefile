@@ -38,9 +38,10 @@ test: $(STAMP) tools
 
 # Tools for tests/deploy that are not Python packages: Prometheus and promtool (Debian
 # `prometheus`), docker-compose, and podman + debootstrap (the image build test builds
-# docker/Dockerfile.cpu and runs it; cold ~10 min, cached under /var/cache/opd-deploy-test),
+# docker/Dockerfile.cpu and runs it: ~16 min cold on a busy 2-core VM, then cached under
+# /var/cache/opd-deploy-test and in podman storage: ~1.5 min unchanged, ~8 min after a code change),
 # installed with apt-get when missing and running as root (CI); otherwise, and if apt fails,
-# their tests skip saying how (in CI, with CI set, the image tests fail instead). kubectl (its
+# their tests skip saying how (with CI set they fail instead, naming the install). kubectl (its
 # embedded kustomize renders k8s/) comes with the machine image; Debian's kubernetes-client
 # (1.20, kustomize v2) is too old for kustomize components, so it is not a fallback.
 TOOLS_APT := $(if $(shell command -v promtool),,prometheus) \
