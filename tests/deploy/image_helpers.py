@@ -37,6 +37,7 @@ from pathlib import Path
 
 import pytest
 
+import deploy_helpers
 from deploy_helpers import REPO
 
 CACHE = Path(os.environ.get("OPD_DEPLOY_CACHE", "/var/cache/opd-deploy-test"))
@@ -59,10 +60,10 @@ def require_image_tools() -> str:
     return shutil.which("podman")
 
 
-def _sh(cmd: list[str], log: Path | None = None, timeout: float = 1800) -> subprocess.CompletedProcess:
+def _sh(cmd: list[str], log: Path | None = None, timeout: float = 1800, cwd: Path | None = None):
     out = log.open("ab") if log else subprocess.PIPE
     try:
-        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, timeout=timeout)
+        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, cwd=cwd)
     finally:
         if log:
             out.close()
@@ -161,13 +162,14 @@ def build_image(podman: str) -> Image:
             args += ["--build-arg", f"PIP_CERT={BUILD_CA}", "-v", f"{ca}:{BUILD_CA}:ro"]
         common = [podman, "build", "--isolation", "chroot", "--network", "host", "--format", "docker",
                   "-f", "docker/Dockerfile.cpu", *args]
-        os.chdir(REPO)
-        _sh([*common, "--target", "build", "-t", BUILD_STAGE, "."], log)
-        _sh([*common, "-t", IMAGE, "."], log)
+        _sh([*common, "--target", "build", "-t", BUILD_STAGE, "."], log, cwd=REPO)
+        _sh([*common, "-t", IMAGE, "."], log, cwd=REPO)
         for ref, was in old.items():
             if was and was != _image_id(podman, ref):
                 subprocess.run([podman, "rmi", was], capture_output=True)   # its unique layers only
         seconds = time.monotonic() - t0
+        with log.open("a") as f:
+            f.write(f"\nopd-deploy-test: image ready in {seconds:.0f} s\n")
     return mount_image(podman, IMAGE, seconds)
 
 
@@ -245,16 +247,4 @@ def run_in_image(image: Image, argv: list[str], *, timeout: float = 60, **kw) ->
 
 
 def wait_http(url: str, *, proc: ImageProcess, timeout: float = 180) -> None:
-    """Until `url` answers 200; fails early (with the log) if the process exits."""
-    import httpx
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.proc.poll() is not None:
-            raise AssertionError(f"exited {proc.proc.returncode} before {url} answered:\n{proc.text()[-3000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{url} did not answer within {timeout}s:\n{proc.text()[-3000:]}")
+    deploy_helpers.wait_http(url, proc.proc, proc.text, timeout)

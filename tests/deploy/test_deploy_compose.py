@@ -1,5 +1,5 @@
 """docker-compose.yml: accepted by `docker-compose config -q` with every profile (Debian's
-docker-compose; no Docker engine runs here, so nothing is built or started), and the stack
+docker-compose; test_deploy_compose_run.py runs the default profile from the image), and the stack
 has what the deployment promises: Redis with AOF on a volume, the demo trainer and the vLLM
 teacher behind their profiles, Prometheus and Grafana wired to monitoring/."""
 from __future__ import annotations

@@ -99,14 +99,14 @@ DRIVER = textwrap.dedent('''
     import json, sys, time
     import numpy as np, redis
     from opd_client.queue import Rollout, RolloutProducer, ScoredConsumer, rollouts_key
-    mode, url = sys.argv[1], sys.argv[2]
+    mode, url, exp, wait_s = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
     out = {}
     if mode == "flow":                                           # rollouts in, scored out
-        with RolloutProducer(url, "box") as q:
+        with RolloutProducer(url, exp) as q:
             q.push([Rollout(id=f"r{i}", token_ids=np.array([1, 2, 3, 4 + i], np.int32), score_from=1)
                     for i in range(4)])
-        got, deadline = [], time.monotonic() + 120
-        with ScoredConsumer(url, "box") as c:
+        got, deadline = [], time.monotonic() + wait_s
+        with ScoredConsumer(url, exp) as c:
             while len(got) < 4 and time.monotonic() < deadline:
                 batch = c.read(count=4, block_ms=500)
                 got += [[s.rollout.id, len(s.teacher_logprobs)] for _, s in batch]
@@ -141,7 +141,7 @@ def drive(box, *args: str) -> dict:
 
 def test_rollouts_in_scored_out(box):
     """With the compose credentials (admin), before any experiment exists (auth is open then)."""
-    out = drive(box, "flow", _env(box["svcs"]["scorer"])["OPD_REDIS_URL"])
+    out = drive(box, "flow", _env(box["svcs"]["scorer"])["OPD_REDIS_URL"], "box", "120")
     assert out["scored"] == [[f"r{i}", 3] for i in range(4)], (out, box["procs"]["scorer"].text()[-3000:])
 
 
@@ -167,11 +167,19 @@ def test_cli_creates_experiments_whose_redis_users_stay_apart(opd_image, box):
         assert cli.returncode == 0, cli.stdout + cli.stderr
         creds[exp] = json.loads(cli.stdout)
     alpha = creds["alpha"]
-    out = drive(box, "acl", f"redis://{alpha['redis_user']}:{alpha['redis_password']}@redis:6379/0")
+    box["alpha_url"] = f"redis://{alpha['redis_user']}:{alpha['redis_password']}@redis:6379/0"
+    out = drive(box, "acl", box["alpha_url"], "alpha", "0")
     assert out["alpha writes alpha"] == "allowed", out
     assert out["alpha reads beta"].startswith("NoPermissionError"), out
     assert out["alpha writes beta"].startswith("NoPermissionError"), out
     assert "AuthenticationError" in out["default user"] or "NOAUTH" in out["default user"], out
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: once an experiment exists the teacher requires a key, and "
+                   "`opd scorer` sends none (no OPD_* setting gives it one), so queued rollouts stay pending")
+def test_scorer_scores_an_experiments_rollouts_once_keys_are_required(box):
+    out = drive(box, "flow", box["alpha_url"], "alpha", "30")
+    assert out["scored"] == [[f"r{i}", 3] for i in range(4)], (out, box["procs"]["scorer"].text()[-2000:])
 
 
 def test_redis_keeps_an_append_only_file(box):

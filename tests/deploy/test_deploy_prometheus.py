@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import yaml
 
-from deploy_helpers import REPO, RULES, dashboard_exprs, free_port, require_tool, rule_exprs
+from deploy_helpers import REPO, RULES, dashboard_exprs, free_port, require_tool, rule_exprs, wait_http
 from opd_services.redis_embed import EmbeddedRedis
 
 FOR = "4s"                       # every rule's `for:` in the test copy
@@ -119,17 +119,7 @@ def stack(tmp_path_factory, cache_dir):
 
 
 def _wait(url: str, s: Stack, name: str, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if s.procs[name].poll() is not None:
-            pytest.fail(f"{name} exited {s.procs[name].returncode}:\n{s.log(name)}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"{url} not ready in {timeout}s:\n{s.log(name)}")
+    wait_http(url, s.procs[name], lambda: s.log(name), timeout)
 
 
 def query(s: Stack, expr: str) -> list:
