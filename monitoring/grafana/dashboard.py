@@ -14,6 +14,7 @@ OUT = Path(__file__).parent / "dashboards" / "opd-teacher.json"
 DS = {"type": "prometheus", "uid": "${datasource}"}
 EXP = 'experiment=~"$experiment"'
 SCORE_ROUTES = 'route=~"/v1/score|/opd.teacher.v1.Teacher/Score"'
+NOPROBE = 'route!~"/healthz|/readyz|/metrics"'   # /readyz answers 503 while a model loads
 SERVER_ERRORS = 'code=~"5..|INTERNAL|UNKNOWN|UNAVAILABLE|DATA_LOSS|DEADLINE_EXCEEDED"'
 RI = "$__rate_interval"
 
@@ -61,7 +62,7 @@ def teacher_panels() -> list[dict]:
               [q(f"sum by (experiment, reason) (rate(opd_rejections_total{{{EXP}}}[{RI}]))", "{{experiment}} {{reason}}")],
               "reqps", desc="Refused before scoring: quota (429, the experiment is over its in-flight tokens), "
                             "invalid (422), auth (401). A steady quota rate means raise the quota or slow that trainer."),
-        panel("Server error ratio", [q(f"sum(rate(opd_requests_total{{{SERVER_ERRORS}}}[{RI}])) / sum(rate(opd_requests_total[{RI}]))", "errors")],
+        panel("Server error ratio", [q(f"(sum(rate(opd_requests_total{{{NOPROBE},{SERVER_ERRORS}}}[{RI}])) or vector(0)) / sum(rate(opd_requests_total{{{NOPROBE}}}[{RI}]))", "errors")],
               "percentunit", desc="Alert OPDTeacherErrorRate above 5%."),
     ]
 

@@ -24,6 +24,7 @@ OVERLAYS = ("cpu", "gpu", "multi-teacher")
 WORKLOADS = ("Deployment", "StatefulSet", "Job")
 INSTALL = {
     "promtool": "apt-get install prometheus (Debian)",
+    "prometheus": "apt-get install prometheus (Debian)",
     "docker-compose": "apt-get install docker-compose (Debian)",
     "kubectl": ("install kubectl >= 1.22 (embedded kustomize v4.2+), e.g. the `kubectl` package of the "
                 "Kubernetes or Google Cloud apt repository; Debian's kubernetes-client 1.20 is too old"),
@@ -55,8 +56,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(cmd: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+def run(cmd: list[str], timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **env} if env else None)
 
 
 @lru_cache(maxsize=None)
@@ -104,9 +106,15 @@ def compose() -> dict:
     return yaml.safe_load(COMPOSE.read_text())
 
 
-def compose_value(v: str) -> str:
-    """Resolve compose's ${VAR:-default} to its default (what `docker compose` uses when unset)."""
-    return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(v))
+# What a user puts in .env next to docker-compose.yml (the variables compose requires).
+COMPOSE_ENV = {"OPD_REDIS_ADMIN_PASSWORD": "0123456789abcdef0123456789abcdef"}
+
+
+def compose_value(v: str, env: dict[str, str] = COMPOSE_ENV) -> str:
+    """Resolve compose's ${VAR:-default} (the default: what `docker compose` uses when unset) and
+    ${VAR:?message} (the .env value, COMPOSE_ENV)."""
+    v = re.sub(r"\$\{([A-Z_]+):\?[^}]*\}", lambda m: env[m.group(1)], str(v))
+    return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", v)
 
 
 def raw_k8s_docs() -> list[dict]:
@@ -154,3 +162,60 @@ def sample_names(registry) -> set[str]:
     for fam in registry.collect():
         names.update(fam.name + s for s in suffixes[fam.type])
     return names
+
+
+def k8s_writable_paths(workload: str) -> list[str]:
+    """mountPaths of a k8s/base workload's first container that are not read-only: with
+    readOnlyRootFilesystem, the only places the process may write."""
+    base = [d for path in sorted((REPO / "k8s" / "base").glob("*.yaml")) for d in yaml.safe_load_all(path.read_text()) if d]
+    (doc,) = [d for d in base if d.get("kind") in WORKLOADS and d["metadata"]["name"] == workload]
+    container = doc["spec"]["template"]["spec"]["containers"][0]
+    assert container.get("securityContext", {}).get("readOnlyRootFilesystem") is True, workload
+    return [m["mountPath"] for m in container.get("volumeMounts", []) if not m.get("readOnly")]
+
+
+def compose_redis_acl() -> list[list[str]]:
+    """The `--user` directives of the compose file's redis command, each as ACL SETUSER args."""
+    rules: list[list[str]] = []
+    current = None
+    for arg in (compose_value(a) for a in compose()["services"]["redis"]["command"][1:]):
+        if arg.startswith("--"):
+            current = [] if arg == "--user" else None
+            if current is not None:
+                rules.append(current)
+        elif current is not None:
+            current.append(arg)
+    return rules
+
+
+def close_like_compose(url: str) -> None:
+    """Give a running (open) Redis the compose file's ACL users; the default user goes last."""
+    import redis
+    r = redis.Redis.from_url(url)
+    for rule in sorted(compose_redis_acl(), key=lambda rule: rule[0] == "default"):
+        r.execute_command("ACL", "SETUSER", *rule)
+    r.close()
+
+
+def compose_url(url: str, port: int) -> str:
+    """A compose URL (service names) pointed at a loopback port."""
+    return re.sub(r"@?(redis|teacher|scorer):\d+", lambda m: f"{m.group(0)[0] if m.group(0)[0] == '@' else ''}"
+                  f"127.0.0.1:{port}", url)
+
+
+def wait_http(url: str, proc: subprocess.Popen, log, timeout: float = 180) -> None:
+    """Until `url` answers 200; fails early, with `log()` (the process's output), if it exits."""
+    import time
+
+    import httpx
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"exited {proc.returncode} before {url} answered:\n{log()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {timeout}s:\n{log()[-3000:]}")

@@ -1,6 +1,7 @@
 """docker/: the Dockerfiles pass hadolint (from the services' dev extra) and keep the image
-rules: pinned bases and torch, non-root user, health check, small build context. No Docker
-engine runs on this machine (CI or dev VM), so the images are not built here."""
+rules: pinned bases and torch, non-root user, health check, small build context. The CPU image
+is built and run by test_deploy_image_run.py (podman); the GPU image is not built here (its base
+is the vLLM image; bench/gpu_check.sh builds it on a GPU machine)."""
 from __future__ import annotations
 
 import re

@@ -19,7 +19,8 @@ import pytest
 
 from opd_services.redis_embed import EmbeddedRedis
 
-from deploy_helpers import REPO, compose, compose_value, free_port, render_raw_teacher_grace
+from deploy_helpers import (REPO, close_like_compose, compose, compose_url, compose_value, free_port,
+                            render_raw_teacher_grace)
 
 OPD = str(Path(sys.executable).parent / "opd")
 
@@ -38,7 +39,8 @@ def served(tiny_model, cache_dir, tmp_path_factory):
     redis_server = EmbeddedRedis().start()          # stands in for the compose `redis` service
     env.update(OPD_HOST="127.0.0.1", OPD_HTTP_PORT=str(http), OPD_GRPC_PORT=str(grpc),
                OPD_MODEL=str(tiny_model), OPD_CACHE_DIR=str(cache_dir),
-               OPD_REDIS_URL=env["OPD_REDIS_URL"].replace("redis://redis:6379", redis_server.url))
+               OPD_REDIS_URL=compose_url(env["OPD_REDIS_URL"], redis_server.port))
+    close_like_compose(redis_server.url)            # as the compose file's redis command does
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([OPD, *svc["command"]], env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)

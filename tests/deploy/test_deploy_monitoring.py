@@ -13,7 +13,7 @@ from deploy_helpers import COMPOSE, DASHBOARD, REPO, RULES, dashboard_exprs, req
 
 ALERTS = {"OPDTeacherDown", "OPDTeacherNotReady", "OPDScoreLatencyP99High", "OPDTeacherErrorRate",
           "OPDTeacherReplicasDisagree", "OPDTeacherReplicaIdentityMismatch",
-          "OPDQueueBacklogGrowing", "OPDDeadLetters"}
+          "OPDScorersDown", "OPDQueueBacklogGrowing", "OPDDeadLetters"}
 
 
 def test_promtool_check_config_loads_the_rules():

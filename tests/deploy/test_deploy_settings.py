@@ -161,4 +161,4 @@ def test_k8s_clients_point_at_the_services(overlay):
         assert (redis.username, redis.hostname, redis.port) == (role, redis_svc["metadata"]["name"], 6379)
         metrics_port = int(env[f"OPD_{port_field.upper()}"])
         assert metrics_port == field_default(port_field) == c["ports"][0]["containerPort"]
-        assert c["args"] == [role if role == "scorer" else "train"]
+        assert c["args"][0] == (role if role == "scorer" else "train")
