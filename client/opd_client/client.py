@@ -5,7 +5,10 @@
         out = teacher.score([[1, 5, 9, 4]], top_k=5)
         out.results[0].logprobs_T                                # np.float32, len 3
 
-The transport follows the URL's scheme: http:// or https:// -> HTTP JSON, grpc:// -> gRPC.
+The transport follows the URL's scheme: http:// or https:// -> HTTP JSON, grpc:// or grpcs://
+-> gRPC; https:// and grpcs:// speak TLS (`tls=TLS(ca=..., cert=..., key=...)`, see tls.py).
+The client's timeout is also each gRPC call's deadline: a call that gives up is cancelled on the
+teacher too (its not-yet-scored sequences leave the batcher).
 This module does no scoring and no validation beyond shapes: the server validates.
 """
 from __future__ import annotations
@@ -26,6 +29,7 @@ from opd_client._proto.opd.teacher.v1 import teacher_pb2 as pb
 from opd_client._proto.opd.teacher.v1 import teacher_pb2_grpc as pb_grpc
 from opd_client.errors import (BY_CODE, InternalError, InvalidRequest, OPDError, PayloadTooLarge,
                                PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable)
+from opd_client.tls import TLS
 from opd_client.types import GenerateResponse, ModelInfo, ScoreResponse
 
 # ---- Retry policy (the only one in the client) -------------------------------------------
@@ -54,7 +58,20 @@ def _unreachable(url: str, attempts: int, err: Exception) -> Unavailable:
     return Unavailable(
         f"cannot reach the OPD teacher at {url} after {attempts} attempt(s): {err}. "
         "Check that `opd serve` is running and ready (GET /readyz), that OPD_TEACHER_URL points "
-        "at it (http://HOST:8000 or grpc://HOST:50051), and that the port is open from here.")
+        "at it (http://HOST:8000 or grpc://HOST:50051), and that the port is open from here. " + (
+            "A teacher with mutual TLS (OPD_TLS_CLIENT_CA) refuses clients without a certificate it trusts: "
+            "pass TLS(cert=..., key=...) / OPD_TLS_CLIENT_CERT and OPD_TLS_CLIENT_KEY."
+            if url.startswith(("https://", "grpcs://")) else
+            "A teacher that serves TLS (OPD_TLS_CERT) needs https:// or grpcs://."))
+
+
+def _tls_refused(url: str, err: Exception) -> Exception | None:
+    """A TLS verification failure never heals by retrying: say so at once, with the fix."""
+    text = str(err)
+    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text.lower():
+        return Unavailable(f"TLS: the teacher at {url} presented a certificate that the CA bundle does not "
+                           f"trust ({text[:300]}). Pass TLS(ca=...) / OPD_TLS_CA with the CA that signed it.")
+    return None
 
 
 def _parse_url(url: str) -> tuple[str, str]:
@@ -62,12 +79,12 @@ def _parse_url(url: str) -> tuple[str, str]:
     p = urlparse(url if "://" in url else f"grpc://{url}")
     if p.scheme in ("http", "https"):
         return "http", url.rstrip("/")
-    if p.scheme == "grpc":
+    if p.scheme in ("grpc", "grpcs"):
         if not p.hostname or not p.port:
             raise InvalidRequest("url", f"{url!r} needs a host and a port, e.g. grpc://127.0.0.1:50051")
         host = f"[{p.hostname}]" if ":" in p.hostname else p.hostname
         return "grpc", f"{host}:{p.port}"
-    raise InvalidRequest("url", f"{url!r}: scheme must be http, https or grpc")
+    raise InvalidRequest("url", f"{url!r}: scheme must be http, https, grpc or grpcs")
 
 
 # ---- error mapping: wire -> OPDError (the inverse of the server's one place) -------------
@@ -120,9 +137,11 @@ GRPC_OPTIONS = [("grpc.max_receive_message_length", 256 << 20),
 
 class _Base:
     def __init__(self, url: str, *, api_key: str | None = None, timeout: float = 120.0,
-                 retry: RetryPolicy = RetryPolicy()):
+                 retry: RetryPolicy = RetryPolicy(), tls: TLS | None = None):
         self.url = url
         self.transport, self.address = _parse_url(url)
+        self.secure = url.startswith(("https://", "grpcs://"))
+        self.tls = tls or TLS()
         self.timeout = timeout
         self.retry = retry
         self.api_key = api_key
@@ -136,9 +155,13 @@ class TeacherClient(_Base):
     def __init__(self, url: str, **kw):
         super().__init__(url, **kw)
         if self.transport == "http":
-            self._http = httpx.Client(base_url=self.address, timeout=self.timeout, headers=self._headers)
+            self._http = httpx.Client(base_url=self.address, timeout=self.timeout, headers=self._headers,
+                                      verify=self.tls.ssl_context() if self.secure else True)
+        elif self.secure:
+            self._channel = grpc.secure_channel(self.address, self.tls.grpc_credentials(), options=GRPC_OPTIONS)
         else:
             self._channel = grpc.insecure_channel(self.address, options=GRPC_OPTIONS)
+        if self.transport == "grpc":
             self._stub = pb_grpc.TeacherStub(self._channel)
 
     def _call(self, fn):
@@ -150,6 +173,8 @@ class TeacherClient(_Base):
                 err = self._classify(e)
                 if not _retryable(err):
                     raise err from e
+                if (refused := _tls_refused(self.url, err)) is not None:
+                    raise refused from e
                 last = err
             if attempt + 1 < self.retry.attempts:
                 time.sleep(self.retry.delay(attempt))
@@ -218,9 +243,13 @@ class AsyncTeacherClient(_Base):
         super().__init__(url, **kw)
         if self.transport == "http":
             self._http = httpx.AsyncClient(base_url=self.address, timeout=self.timeout, headers=self._headers,
-                                           limits=httpx.Limits(max_connections=256))
+                                           limits=httpx.Limits(max_connections=256),
+                                           verify=self.tls.ssl_context() if self.secure else True)
+        elif self.secure:
+            self._channel = grpc.aio.secure_channel(self.address, self.tls.grpc_credentials(), options=GRPC_OPTIONS)
         else:
             self._channel = grpc.aio.insecure_channel(self.address, options=GRPC_OPTIONS)
+        if self.transport == "grpc":
             self._stub = pb_grpc.TeacherStub(self._channel)
 
     async def _call(self, fn):
@@ -232,6 +261,8 @@ class AsyncTeacherClient(_Base):
                 err = _grpc_error(e) if isinstance(e, grpc.RpcError) else e
                 if not _retryable(err):
                     raise err from e
+                if (refused := _tls_refused(self.url, err)) is not None:
+                    raise refused from e
                 last = err
             if attempt + 1 < self.retry.attempts:
                 await asyncio.sleep(self.retry.delay(attempt))

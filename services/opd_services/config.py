@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from opd_client.tls import TLS, check_pair
 from opd_services.errors import ConfigError
 
 
@@ -34,6 +35,14 @@ class Settings(BaseSettings):
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = pick a free one).")
     teacher_url: str = Field("grpc://127.0.0.1:50051", description="Teacher address for scorers and trainers: grpc://HOST:PORT or http://HOST:PORT.")
     redis_url: str | None = Field(None, description="Redis/Valkey URL; unset = start an embedded Valkey.")
+
+    # --- TLS (docs/security.md): the server's certificate turns on TLS for HTTP and gRPC together ---
+    tls_cert: Path | None = Field(None, description="Server: PEM certificate chain; set with OPD_TLS_KEY to serve https:// and grpcs:// (both surfaces).")
+    tls_key: Path | None = Field(None, description="Server: PEM private key of OPD_TLS_CERT.")
+    tls_client_ca: Path | None = Field(None, description="Server: PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS).")
+    tls_ca: Path | None = Field(None, description="Scorer and trainer (clients): PEM CA bundle that signs the teacher's certificate; unset = the system's trust store.")
+    tls_client_cert: Path | None = Field(None, description="Scorer and trainer (clients): PEM certificate presented to a teacher that requires mutual TLS.")
+    tls_client_key: Path | None = Field(None, description="Scorer and trainer (clients): PEM private key of OPD_TLS_CLIENT_CERT.")
 
     # --- limits (bad input is refused with 422 / INVALID_ARGUMENT) ---
     max_top_k: int = Field(20, ge=0, le=1024, description="Largest top_k a request may ask for.")
@@ -73,18 +82,54 @@ class Settings(BaseSettings):
     @field_validator("teacher_url")
     @classmethod
     def _url(cls, v: str) -> str:
-        if not v.startswith(("grpc://", "http://", "https://")):
-            raise ValueError("must start with grpc://, http:// or https://")
+        if not v.startswith(("grpc://", "grpcs://", "http://", "https://")):
+            raise ValueError("must start with grpc://, grpcs://, http:// or https://")
         return v
+
+    @property
+    def tls(self) -> bool:
+        """True when the teacher serves TLS (https:// and grpcs://)."""
+        return self.tls_cert is not None
+
+    def client_tls(self) -> TLS | None:
+        """The TLS options a scorer or trainer hands to TeacherClient (None: plaintext or system CAs)."""
+        if self.tls_ca is None and self.tls_client_cert is None:
+            return None
+        return TLS(ca=self.tls_ca, cert=self.tls_client_cert, key=self.tls_client_key)
 
     @classmethod
     def load(cls, **overrides) -> "Settings":
         """Environment, then non-None overrides (CLI flags). Raises ConfigError on a bad value."""
         try:
-            return cls(**{k: v for k, v in overrides.items() if v is not None})
+            settings = cls(**{k: v for k, v in overrides.items() if v is not None})
         except ValidationError as e:
             err = e.errors()[0]
             name = str(err["loc"][0]) if err["loc"] else "?"
             env = f"OPD_{name.upper()}"
             value = overrides[name] if overrides.get(name) is not None else os.environ.get(env)
             raise ConfigError(f"{env}={value!r}: {err['msg']}") from None
+        return settings
+
+
+def check_tls(s: Settings) -> None:
+    """Fail at start-up, naming the variable, when a TLS file is missing, unreadable or mismatched.
+    Called by the processes that use the files (teacher, scorer, trainer), not by `load`: values
+    are checked anywhere, files only where they must exist."""
+    pairs = (("OPD_TLS_CERT", s.tls_cert, "OPD_TLS_KEY", s.tls_key),
+             ("OPD_TLS_CLIENT_CERT", s.tls_client_cert, "OPD_TLS_CLIENT_KEY", s.tls_client_key))
+    for cert_var, cert, key_var, key in pairs:
+        if (cert is None) != (key is None):
+            missing = key_var if key is None else cert_var
+            raise ConfigError(f"{missing} is unset: {cert_var} and {key_var} go together (a certificate and its key)")
+    if s.tls_client_ca is not None and s.tls_cert is None:
+        raise ConfigError(f"OPD_TLS_CLIENT_CA={str(s.tls_client_ca)!r}: mutual TLS needs the server's own "
+                          "certificate too; set OPD_TLS_CERT and OPD_TLS_KEY")
+    try:
+        for cert_var, cert, key_var, key in pairs:
+            if cert is not None:
+                check_pair(cert, key, cert_var, key_var)
+        for var, ca in (("OPD_TLS_CLIENT_CA", s.tls_client_ca), ("OPD_TLS_CA", s.tls_ca)):
+            if ca is not None:
+                check_pair(ca, None, var, "")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

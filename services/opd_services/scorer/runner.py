@@ -26,7 +26,7 @@ from opd_client.queue import keys
 from opd_client.queue.connection import connect
 from opd_client.queue.consumer import default_consumer_name
 from opd_services import metrics
-from opd_services.config import Settings
+from opd_services.config import Settings, check_tls
 from opd_services.scorer.worker import Experiments, ScorerLoop
 
 log = logging.getLogger(__name__)
@@ -49,10 +49,11 @@ class Scorer:
 
     def __init__(self, settings: Settings, redis_url: str):
         s = settings
+        check_tls(s)
         self.settings = s
         self.redis = connect(redis_url)
         # the scorer retries forever itself (worker.score); the client's own retries stay short
-        self.teacher = TeacherClient(s.teacher_url, timeout=s.scorer_teacher_timeout_s,
+        self.teacher = TeacherClient(s.teacher_url, timeout=s.scorer_teacher_timeout_s, tls=s.client_tls(),
                                      retry=RetryPolicy(attempts=2, backoff_s=0.05, max_backoff_s=0.2))
         self.experiments = Experiments(self.redis, s.scorer_discovery_s)
         name = default_consumer_name("scorer")
