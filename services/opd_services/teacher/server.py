@@ -28,7 +28,7 @@ from opd_services.teacher.engines.base import Engine
 from opd_services.teacher.service import ScoringService
 from opd_services.teacher.surfaces import http
 from opd_services.teacher.surfaces.admin_http import admin_router
-from opd_services.teacher.surfaces.common import BodyLimit, Observe, tenant_dependency
+from opd_services.teacher.surfaces.common import BodyLimit, CancelOnDisconnect, Observe, tenant_dependency
 from opd_services.teacher.surfaces.dialects import vllm
 from opd_services.teacher.surfaces.grpc import create_server
 from opd_services.tenancy.auth import Authenticator, UsageRecorder
@@ -45,7 +45,7 @@ def http_app(service: ScoringService, max_body_bytes: int, registry: Registry | 
     if registry is not None:
         app.include_router(admin_router(registry, tenant_dependency(service)))
     vllm.mount(app, service)
-    return Observe(BodyLimit(app, max_body_bytes), HTTP_ROUTES)
+    return Observe(CancelOnDisconnect(BodyLimit(app, max_body_bytes)), HTTP_ROUTES)
 
 
 def _uvicorn_tls(s: Settings) -> dict:

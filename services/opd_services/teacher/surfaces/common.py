@@ -6,6 +6,7 @@ the same status in its own protocol's body shape. This module knows no routes of
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -88,7 +89,7 @@ class Observe:
         path = scope["path"]
         route = path if path in self.routes else ("/v1/admin/experiments" if path.startswith("/v1/admin/") else
                                             "/v1/experiments" if path.startswith("/v1/experiments/") else "other")
-        status = [500]
+        status = [500]       # an app that raises answers 500 (error_response)
         t0 = time.perf_counter()
 
         async def send_observed(msg):
@@ -99,6 +100,8 @@ class Observe:
         try:
             await self.app(scope, receive, send_observed)
         finally:
+            if scope["state"].get("client_gone") and status[0] == 500:
+                status[0] = 499      # nginx's "client closed request": nobody was answered
             metrics.REQUEST_LATENCY.labels(route).observe(time.perf_counter() - t0)
             metrics.REQUESTS.labels(route, str(status[0]), scope["state"]["experiment"]).inc()
 
@@ -137,3 +140,57 @@ class BodyLimit:
                 await send(msg)
 
         await self.app(scope, limited_receive, guarded_send)
+
+
+class CancelOnDisconnect:
+    """ASGI middleware: when the client disconnects before it was answered (its timeout, a killed
+    trainer), cancel the request's handler, so its queued sequences leave the batcher
+    (opd_requests_cancelled_total) instead of running for nobody.
+
+    Once the body is read, a watcher waits on `receive` for http.disconnect; the app never reads
+    past its body on these routes, and a later `receive` from it gets the watcher's answer."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        body_read, gone = asyncio.Event(), asyncio.Event()
+        answered = False
+
+        async def app_receive():
+            if body_read.is_set():
+                await gone.wait()
+                return {"type": "http.disconnect"}
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                gone.set()
+            elif not msg.get("more_body", False):
+                body_read.set()
+            return msg
+
+        async def app_send(msg):
+            nonlocal answered
+            answered = True
+            await send(msg)
+
+        handler = asyncio.ensure_future(self.app(scope, app_receive, app_send))
+
+        async def watch():
+            await body_read.wait()
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+            if not answered:
+                scope.setdefault("state", {})["client_gone"] = True
+                handler.cancel()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await handler
+        except asyncio.CancelledError:
+            if not scope.get("state", {}).get("client_gone"):
+                raise            # the server itself is stopping: not a disconnect
+        finally:
+            watcher.cancel()
