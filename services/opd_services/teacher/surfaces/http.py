@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from opd_services.errors import InvalidRequest, OPDError
@@ -69,7 +69,7 @@ def create_app(service: ScoringService) -> FastAPI:
             return json_response({"status": "draining" if service.draining else "loading"}, 503)
         return json_response({"status": "ready"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)   # documented as text/plain, as it is served
     async def prometheus():
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
