@@ -51,6 +51,7 @@ class Settings(BaseSettings):
     max_request_tokens: int = Field(262_144, ge=2, description="Most tokens (summed over sequences) in one request.")
     max_generate_tokens: int = Field(1024, ge=1, description="Largest max_tokens a generate request may ask for.")
     max_body_bytes: int = Field(64 << 20, ge=1024, description="Largest request body, HTTP and gRPC; larger ones are refused unread.")
+    http_body_timeout_s: float = Field(30.0, gt=0, description="An HTTP request body must arrive in full within this many seconds of the request's start; a slower client gets 408 and its connection is closed.")
 
     # --- batching ---
     max_batch_tokens: int = Field(16_384, ge=16, description="Token budget of one engine batch (padded tokens).")

@@ -39,13 +39,13 @@ log = logging.getLogger(__name__)
 HTTP_ROUTES = http.ROUTES | vllm.ROUTES | {"/v1/admin/experiments"}
 
 
-def http_app(service: ScoringService, max_body_bytes: int, registry: Registry | None):
+def http_app(service: ScoringService, max_body_bytes: int, registry: Registry | None, body_timeout_s: float = 30.0):
     """The one HTTP app: native routes, then admin (with a registry) and the dialects, on one port."""
     app = http.create_app(service)
     if registry is not None:
         app.include_router(admin_router(registry, tenant_dependency(service)))
     vllm.mount(app, service)
-    return Observe(CancelOnDisconnect(BodyLimit(app, max_body_bytes)), HTTP_ROUTES)
+    return Observe(CancelOnDisconnect(BodyLimit(app, max_body_bytes, body_timeout_s)), HTTP_ROUTES)
 
 
 def _uvicorn_tls(s: Settings) -> dict:
@@ -141,7 +141,7 @@ class TeacherServer:
         await self._grpc.start()
         sock = _bind(s.host, s.http_port)
         self.http_port = sock.getsockname()[1]
-        app = http_app(self.service, s.max_body_bytes, self._registry)
+        app = http_app(self.service, s.max_body_bytes, self._registry, s.http_body_timeout_s)
         config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
                                 timeout_graceful_shutdown=int(s.drain_timeout_s) or None,
                                 **_uvicorn_tls(s))

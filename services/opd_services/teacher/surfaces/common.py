@@ -106,12 +106,22 @@ class Observe:
             metrics.REQUESTS.labels(route, str(status[0]), scope["state"]["experiment"]).inc()
 
 
-class BodyLimit:
-    """ASGI middleware: refuse a body over the limit before it is read in full (413)."""
+def _too_slow(timeout_s: float) -> Response:
+    body = {"error": {"code": "request_timeout", "field": "body",
+                      "message": f"the request body did not arrive within {timeout_s:g} s (OPD_HTTP_BODY_TIMEOUT_S); "
+                                 "send it faster or in smaller requests"}}
+    return json_response(body, 408, {"connection": "close"})
 
-    def __init__(self, app, max_bytes: int):
+
+class BodyLimit:
+    """ASGI middleware: refuse a body over the limit before it is read in full (413), and one
+    that does not arrive within `timeout_s` (408, connection closed): a client sending a byte a
+    second holds its connection for `timeout_s` at most."""
+
+    def __init__(self, app, max_bytes: int, timeout_s: float = 30.0):
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -121,11 +131,18 @@ class BodyLimit:
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             return await error_response(too_big)(scope, receive, send)
         seen, responded = 0, False
+        deadline = time.monotonic() + self.timeout_s
 
         async def limited_receive():
-            # Past the limit: answer 413 now and tell the app the client went away.
+            # Past the limit or the deadline: answer 413 / 408 now and tell the app the client went away.
             nonlocal seen, responded
-            msg = await receive()
+            try:
+                msg = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                if not responded:
+                    responded = True
+                    await _too_slow(self.timeout_s)(scope, receive, send)
+                return {"type": "http.disconnect"}
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.max_bytes:
