@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = pick a free one).")
     teacher_url: str = Field("grpc://127.0.0.1:50051", description="Teacher address for scorers and trainers: grpc://HOST:PORT or http://HOST:PORT.")
     redis_url: str | None = Field(None, description="Redis/Valkey URL; unset = start an embedded Valkey.")
+    teacher_api_key: str | None = Field(None, description="Scorer: the key it sends to a teacher that requires keys (OPD_AUTH on, experiments exist), e.g. the admin key; unset = none.")
 
     # --- TLS (docs/security.md): the server's certificate turns on TLS for HTTP and gRPC together ---
     tls_cert: Path | None = Field(None, description="Server: PEM certificate chain; set with OPD_TLS_KEY to serve https:// and grpcs:// (both surfaces).")

@@ -54,6 +54,7 @@ class Scorer:
         self.redis = connect(redis_url)
         # the scorer retries forever itself (worker.score); the client's own retries stay short
         self.teacher = TeacherClient(s.teacher_url, timeout=s.scorer_teacher_timeout_s, tls=s.client_tls(),
+                                     api_key=s.teacher_api_key,
                                      retry=RetryPolicy(attempts=2, backoff_s=0.05, max_backoff_s=0.2))
         self.experiments = Experiments(self.redis, s.scorer_discovery_s)
         name = default_consumer_name("scorer")
