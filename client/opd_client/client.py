@@ -5,7 +5,10 @@
         out = teacher.score([[1, 5, 9, 4]], top_k=5)
         out.results[0].logprobs_T                                # np.float32, len 3
 
-The transport follows the URL's scheme: http:// or https:// -> HTTP JSON, grpc:// -> gRPC.
+The transport follows the URL's scheme: http:// or https:// -> HTTP JSON, grpc:// or grpcs://
+-> gRPC; https:// and grpcs:// speak TLS (`tls=TLS(ca=..., cert=..., key=...)`, see tls.py).
+The client's timeout is also each gRPC call's deadline: a call that gives up is cancelled on the
+teacher too (its not-yet-scored sequences leave the batcher).
 A URL may name several replicas of one teacher (`grpc://h1:50051,h2:50051`) or a DNS name
 that stands for them (`grpc+dns://`, `http+dns://`; see targets.py): requests are spread
 over them and fail over between them (the policy block below, balance.py).
@@ -30,6 +33,7 @@ from opd_client._proto.opd.teacher.v1 import teacher_pb2_grpc as pb_grpc
 from opd_client.errors import (BY_CODE, InternalError, InvalidRequest, NotFound, OPDError, PayloadTooLarge,
                                PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable)
 from opd_client.targets import DNS_REFRESH_S, parse_target, resolve
+from opd_client.tls import TLS
 from opd_client.types import GenerateResponse, ModelInfo, ScoreResponse
 
 # ---- Retry and failover policy (the only one in the client) -----------------------------
@@ -77,7 +81,20 @@ def _unreachable(url: str, attempts: int, err: Exception) -> Unavailable:
         f"cannot reach the OPD teacher at {url} after {attempts} attempt(s): {err}. "
         "Check that `opd serve` is running and ready (GET /readyz), that OPD_TEACHER_URL points "
         "at it (http://HOST:8000 or grpc://HOST:50051, several replicas comma-separated), and "
-        "that the port is open from here.")
+        "that the port is open from here. " + (
+            "A teacher with mutual TLS (OPD_TLS_CLIENT_CA) refuses clients without a certificate it trusts: "
+            "pass TLS(cert=..., key=...) / OPD_TLS_CLIENT_CERT and OPD_TLS_CLIENT_KEY."
+            if url.startswith(("https", "grpcs")) else
+            "A teacher that serves TLS (OPD_TLS_CERT) needs https:// or grpcs://."))
+
+
+def _tls_refused(url: str, err: Exception) -> Exception | None:
+    """A TLS verification failure never heals by retrying: say so at once, with the fix."""
+    text = str(err)
+    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text.lower():
+        return Unavailable(f"TLS: the teacher at {url} presented a certificate that the CA bundle does not "
+                           f"trust ({text[:300]}). Pass TLS(ca=...) / OPD_TLS_CA with the CA that signed it.")
+    return None
 
 
 # ---- error mapping: wire -> OPDError (the inverse of the server's one place) -------------
@@ -142,10 +159,12 @@ def _grpc_options(address: str) -> list:
 
 class _Base:
     def __init__(self, url: str, *, api_key: str | None = None, timeout: float = 120.0,
-                 retry: RetryPolicy = RetryPolicy(), teacher: str | None = None):
+                 retry: RetryPolicy = RetryPolicy(), teacher: str | None = None, tls: TLS | None = None):
         self.url = url
         self.target = parse_target(url)
         self.transport = self.target.transport
+        self.secure = self.target.secure
+        self.tls = tls or TLS()
         self.timeout = timeout
         self.retry = retry
         self.api_key = api_key
@@ -171,6 +190,10 @@ class _Base:
         self._refresh_at = time.monotonic() + DNS_REFRESH_S
         return [r.conn for r in self.pool.replace(resolve(self.target.addresses[0]))]
 
+    def _verify(self):
+        """httpx's `verify`: the TLS context for https://, the default otherwise."""
+        return self.tls.ssl_context() if self.secure else True
+
     def _classify(self, e: Exception) -> Exception:
         if isinstance(e, grpc.RpcError):
             return _grpc_error(e)
@@ -190,8 +213,9 @@ class TeacherClient(_Base):
 
     def _connect(self, address: str):
         if self.transport == "http":
-            return httpx.Client(base_url=address, timeout=self.timeout, headers=self._headers)
-        channel = grpc.insecure_channel(address, options=_grpc_options(address))
+            return httpx.Client(base_url=address, timeout=self.timeout, headers=self._headers, verify=self._verify())
+        channel = (grpc.secure_channel(address, self.tls.grpc_credentials(), options=_grpc_options(address))
+                   if self.secure else grpc.insecure_channel(address, options=_grpc_options(address)))
         return _GrpcConn(channel, pb_grpc.TeacherStub(channel))
 
     def _call(self, fn):
@@ -210,6 +234,8 @@ class TeacherClient(_Base):
                 err = self._classify(e)
                 if not _retryable(err):
                     raise err from e
+                if (refused := _tls_refused(self.url, err)) is not None:
+                    raise refused from e
                 last = err
                 self.pool.failed(r)
                 tried.add(r)
@@ -273,8 +299,9 @@ class AsyncTeacherClient(_Base):
     def _connect(self, address: str):
         if self.transport == "http":
             return httpx.AsyncClient(base_url=address, timeout=self.timeout, headers=self._headers,
-                                     limits=httpx.Limits(max_connections=256))
-        channel = grpc.aio.insecure_channel(address, options=_grpc_options(address))
+                                     limits=httpx.Limits(max_connections=256), verify=self._verify())
+        channel = (grpc.aio.secure_channel(address, self.tls.grpc_credentials(), options=_grpc_options(address))
+                   if self.secure else grpc.aio.insecure_channel(address, options=_grpc_options(address)))
         return _AsyncConn(channel, pb_grpc.TeacherStub(channel))
 
     async def _call(self, fn):
@@ -292,6 +319,8 @@ class AsyncTeacherClient(_Base):
                 err = self._classify(e)
                 if not _retryable(err):
                     raise err from e
+                if (refused := _tls_refused(self.url, err)) is not None:
+                    raise refused from e
                 last = err
                 self.pool.failed(r)
                 tried.add(r)

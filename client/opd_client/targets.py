@@ -9,6 +9,8 @@
                                   (a k8s headless Service: one A record per ready pod)
     http+dns://name:8000          the name is resolved here, one replica per address, and
                                   resolved again every `DNS_REFRESH_S` (`resolve`)
+    https://, grpcs://, grpcs+dns://   the same with TLS (no https+dns: the replicas would be
+                                  dialled by IP, which a certificate for the name does not cover)
 
 This module parses and resolves names only; it opens no connection and keeps no state.
 """
@@ -21,8 +23,11 @@ from urllib.parse import urlparse
 from opd_client.errors import InvalidRequest
 
 DNS_REFRESH_S = 30.0
-_SCHEMES = {"http": ("http", False), "https": ("http", False), "grpc": ("grpc", False),
-            "http+dns": ("http", True), "grpc+dns": ("grpc", True)}
+# scheme -> (transport, resolves a DNS name, TLS)
+_SCHEMES = {"http": ("http", False, False), "https": ("http", False, True),
+            "grpc": ("grpc", False, False), "grpcs": ("grpc", False, True),
+            "http+dns": ("http", True, False),
+            "grpc+dns": ("grpc", True, False), "grpcs+dns": ("grpc", True, True)}
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,7 @@ class Target:
     scheme: str                    # the URL's scheme, e.g. "http", "grpc+dns"
     addresses: tuple[str, ...]     # http: base URLs; grpc: host:port (grpc+dns: one "dns:///" target)
     dns: bool = False              # the address is a name that stands for many replicas
+    secure: bool = False           # TLS (https, grpcs)
 
 
 def _host_port(url: str, part: str) -> tuple[str, int]:
@@ -51,7 +57,7 @@ def parse_target(url: str) -> Target:
     scheme, _, rest = raw.partition("://")
     if scheme not in _SCHEMES:
         raise InvalidRequest("url", f"{url!r}: scheme must be one of {', '.join(_SCHEMES)}")
-    transport, dns = _SCHEMES[scheme]
+    transport, dns, secure = _SCHEMES[scheme]
     netloc, _, path = rest.partition("/")
     parts = [p.strip() for p in netloc.split(",")]
     if not netloc or any(not p for p in parts):
@@ -63,9 +69,9 @@ def parse_target(url: str) -> Target:
         addrs = tuple(f"dns:///{h}:{p}" if dns else f"{h}:{p}" for h, p in hosts)
     else:
         suffix = f"/{path}".rstrip("/")
-        base = "https" if scheme == "https" else "http"
+        base = "https" if secure else "http"
         addrs = tuple(f"{base}://{h}:{p}{suffix}" for h, p in hosts)
-    return Target(url, transport, scheme, addrs, dns)
+    return Target(url, transport, scheme, addrs, dns, secure)
 
 
 def resolve(base_url: str) -> list[str]:

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from opd_client.tls import TLS, check_pair
 from opd_services.errors import ConfigError, InvalidRequest
 
 
@@ -37,6 +38,15 @@ class Settings(BaseSettings):
     teachers: str | None = Field(None, description="Scorers, several teachers: 'NAME=URL;NAME=URL' (URL as in OPD_TEACHER_URL), e.g. 'math=grpc://a:50051,b:50051;code=grpc://c:50051'. The first is the default; a rollout (or its experiment) names another. Unset = one teacher, OPD_TEACHER_URL.")
     replica_check_rate: float = Field(0.001, ge=0, le=1, description="Scorers: share of scored sequences also sent to every replica of their teacher to compare logprobs (opd_teacher_replica_max_abs_diff); 0 = off.")
     redis_url: str | None = Field(None, description="Redis/Valkey URL; unset = start an embedded Valkey.")
+    teacher_api_key: str | None = Field(None, description="Scorer: the key it sends to a teacher that requires keys (OPD_AUTH on, experiments exist), e.g. the admin key; unset = none.")
+
+    # --- TLS (docs/security.md): the server's certificate turns on TLS for HTTP and gRPC together ---
+    tls_cert: Path | None = Field(None, description="Server: PEM certificate chain; set with OPD_TLS_KEY to serve https:// and grpcs:// (both surfaces).")
+    tls_key: Path | None = Field(None, description="Server: PEM private key of OPD_TLS_CERT.")
+    tls_client_ca: Path | None = Field(None, description="Server: PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS).")
+    tls_ca: Path | None = Field(None, description="Scorer and trainer (clients): PEM CA bundle that signs the teacher's certificate; unset = the system's trust store.")
+    tls_client_cert: Path | None = Field(None, description="Scorer and trainer (clients): PEM certificate presented to a teacher that requires mutual TLS.")
+    tls_client_key: Path | None = Field(None, description="Scorer and trainer (clients): PEM private key of OPD_TLS_CLIENT_CERT.")
 
     # --- limits (bad input is refused with 422 / INVALID_ARGUMENT) ---
     max_top_k: int = Field(20, ge=0, le=1024, description="Largest top_k a request may ask for.")
@@ -45,6 +55,7 @@ class Settings(BaseSettings):
     max_request_tokens: int = Field(262_144, ge=2, description="Most tokens (summed over sequences) in one request.")
     max_generate_tokens: int = Field(1024, ge=1, description="Largest max_tokens a generate request may ask for.")
     max_body_bytes: int = Field(64 << 20, ge=1024, description="Largest request body, HTTP and gRPC; larger ones are refused unread.")
+    http_body_timeout_s: float = Field(30.0, gt=0, description="An HTTP request body must arrive in full within this many seconds of the request's start; a slower client gets 408 and its connection is closed.")
 
     # --- batching ---
     max_batch_tokens: int = Field(16_384, ge=16, description="Token budget of one engine batch (padded tokens).")
@@ -78,7 +89,7 @@ class Settings(BaseSettings):
     def _url(cls, v: str) -> str:
         from opd_client.targets import parse_target
         if "://" not in v:
-            raise ValueError("must start with a scheme: grpc://, http://, https://, grpc+dns:// or http+dns://")
+            raise ValueError("must start with a scheme: grpc://, grpcs://, http://, https://, grpc+dns:// or http+dns://")
         try:
             parse_target(v)
         except InvalidRequest as e:
@@ -101,14 +112,50 @@ class Settings(BaseSettings):
         from opd_client.teachers import parse_teachers
         return parse_teachers(self.teachers) if self.teachers else {"default": self.teacher_url}
 
+    @property
+    def tls(self) -> bool:
+        """True when the teacher serves TLS (https:// and grpcs://)."""
+        return self.tls_cert is not None
+
+    def client_tls(self) -> TLS | None:
+        """The TLS options a scorer or trainer hands to TeacherClient (None: plaintext or system CAs)."""
+        if self.tls_ca is None and self.tls_client_cert is None:
+            return None
+        return TLS(ca=self.tls_ca, cert=self.tls_client_cert, key=self.tls_client_key)
+
     @classmethod
     def load(cls, **overrides) -> "Settings":
         """Environment, then non-None overrides (CLI flags). Raises ConfigError on a bad value."""
         try:
-            return cls(**{k: v for k, v in overrides.items() if v is not None})
+            settings = cls(**{k: v for k, v in overrides.items() if v is not None})
         except ValidationError as e:
             err = e.errors()[0]
             name = str(err["loc"][0]) if err["loc"] else "?"
             env = f"OPD_{name.upper()}"
             value = overrides[name] if overrides.get(name) is not None else os.environ.get(env)
             raise ConfigError(f"{env}={value!r}: {err['msg']}") from None
+        return settings
+
+
+def check_tls(s: Settings) -> None:
+    """Fail at start-up, naming the variable, when a TLS file is missing, unreadable or mismatched.
+    Called by the processes that use the files (teacher, scorer, trainer), not by `load`: values
+    are checked anywhere, files only where they must exist."""
+    pairs = (("OPD_TLS_CERT", s.tls_cert, "OPD_TLS_KEY", s.tls_key),
+             ("OPD_TLS_CLIENT_CERT", s.tls_client_cert, "OPD_TLS_CLIENT_KEY", s.tls_client_key))
+    for cert_var, cert, key_var, key in pairs:
+        if (cert is None) != (key is None):
+            missing = key_var if key is None else cert_var
+            raise ConfigError(f"{missing} is unset: {cert_var} and {key_var} go together (a certificate and its key)")
+    if s.tls_client_ca is not None and s.tls_cert is None:
+        raise ConfigError(f"OPD_TLS_CLIENT_CA={str(s.tls_client_ca)!r}: mutual TLS needs the server's own "
+                          "certificate too; set OPD_TLS_CERT and OPD_TLS_KEY")
+    try:
+        for cert_var, cert, key_var, key in pairs:
+            if cert is not None:
+                check_pair(cert, key, cert_var, key_var)
+        for var, ca in (("OPD_TLS_CLIENT_CA", s.tls_client_ca), ("OPD_TLS_CA", s.tls_ca)):
+            if ca is not None:
+                check_pair(ca, None, var, "")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

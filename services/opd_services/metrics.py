@@ -23,6 +23,9 @@ BATCH_TOKENS = Histogram("opd_batch_tokens", "Padded tokens per engine batch",
                          buckets=(64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536))
 BATCH_PADDING = Histogram("opd_batch_padding_ratio", "Share of a batch's tokens that are padding",
                           buckets=(0, 0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1))
+CANCELLED = Counter("opd_requests_cancelled_total", "Requests given up by their caller (gRPC deadline or "
+                    "cancel, HTTP disconnect) while sequences were still queued; those never reach the engine",
+                    ["experiment"])
 REJECTIONS = Counter("opd_rejections_total", "Requests refused before scoring", ["experiment", "reason"])
 FORWARD_SECONDS = Histogram("opd_forward_seconds", "Engine time per batch", buckets=LATENCY_BUCKETS)
 INFLIGHT_TOKENS = Gauge("opd_inflight_tokens", "Tokens accepted and not yet answered")

@@ -107,14 +107,14 @@ def compose() -> dict:
 
 
 # What a user puts in .env next to docker-compose.yml (the variables compose requires).
-COMPOSE_ENV = {"OPD_REDIS_ADMIN_PASSWORD": "0123456789abcdef0123456789abcdef"}
+COMPOSE_ENV = {"OPD_REDIS_ADMIN_PASSWORD": "0123456789abcdef0123456789abcdef", "OPD_ADMIN_KEY": "opd-admin-test-key"}
 
 
 def compose_value(v: str, env: dict[str, str] = COMPOSE_ENV) -> str:
-    """Resolve compose's ${VAR:-default} (the default: what `docker compose` uses when unset) and
-    ${VAR:?message} (the .env value, COMPOSE_ENV)."""
+    """Resolve compose's ${VAR:?message} (the .env value, COMPOSE_ENV) and ${VAR:-default} (the
+    .env value when it has one, else the default, as `docker compose` does)."""
     v = re.sub(r"\$\{([A-Z_]+):\?[^}]*\}", lambda m: env[m.group(1)], str(v))
-    return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", v)
+    return re.sub(r"\$\{([A-Z_]+):-([^}]*)\}", lambda m: env.get(m.group(1)) or m.group(2), v)
 
 
 def raw_k8s_docs() -> list[dict]:

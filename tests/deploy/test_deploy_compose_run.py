@@ -175,8 +175,6 @@ def test_cli_creates_experiments_whose_redis_users_stay_apart(opd_image, box):
     assert "AuthenticationError" in out["default user"] or "NOAUTH" in out["default user"], out
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: once an experiment exists the teacher requires a key, and "
-                   "`opd scorer` sends none (no OPD_* setting gives it one), so queued rollouts stay pending")
 def test_scorer_scores_an_experiments_rollouts_once_keys_are_required(box):
     out = drive(box, "flow", box["alpha_url"], "alpha", "30")
     assert out["scored"] == [[f"r{i}", 3] for i in range(4)], (out, box["procs"]["scorer"].text()[-2000:])

@@ -55,8 +55,9 @@ def replica_urls(url: str) -> list[str]:
 
 class ReplicaCheck:
     def __init__(self, teacher_urls: dict[str, str], rate: float, *, named: bool = True,
-                 timeout_s: float = 30.0, max_sequences: int = 16):
+                 timeout_s: float = 30.0, max_sequences: int = 16, client_kw: dict | None = None):
         self.urls, self.rate, self.named, self.timeout_s = dict(teacher_urls), rate, named, timeout_s
+        self.client_kw = client_kw or {}      # TLS and API key, as the scorer's own clients have them
         self.max_sequences = max_sequences
         self._samples: queue.Queue = queue.Queue(maxsize=64)
         self._clients: dict[tuple[str, str], TeacherClient] = {}
@@ -89,7 +90,7 @@ class ReplicaCheck:
         key = (teacher, url)
         if key not in self._clients:
             self._clients[key] = TeacherClient(url, timeout=self.timeout_s, retry=NO_RETRY,
-                                               teacher=teacher if self.named else None)
+                                               teacher=teacher if self.named else None, **self.client_kw)
         return self._clients[key]
 
     def check(self, teacher: str, seqs: list[Sequence]) -> list[PairResult]:

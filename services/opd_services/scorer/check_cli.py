@@ -66,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     seqs = _sequences(redis, args.experiment, teacher, args.count, default)
     if not seqs:
         raise ConfigError(f"no rollouts of experiment {args.experiment!r} for teacher {teacher!r} in its stream")
-    check = ReplicaCheck(urls, 1.0, named=s.teachers is not None)
+    check = ReplicaCheck(urls, 1.0, named=s.teachers is not None,
+                         client_kw={"tls": s.client_tls(), "api_key": s.teacher_api_key})
     try:
         results = check.check(teacher, seqs)
     finally:

@@ -27,7 +27,7 @@ from opd_client.queue import keys
 from opd_client.queue.connection import connect
 from opd_client.queue.consumer import default_consumer_name
 from opd_services import metrics
-from opd_services.config import Settings
+from opd_services.config import Settings, check_tls
 from opd_services.scorer.agreement import ReplicaCheck
 from opd_services.scorer.worker import Experiments, ScorerLoop
 
@@ -51,6 +51,7 @@ class Scorer:
 
     def __init__(self, settings: Settings, redis_url: str):
         s = settings
+        check_tls(s)
         self.settings = s
         self.redis = connect(redis_url)
         # the scorer retries forever itself (worker.score); the client's own retries stay short
@@ -58,10 +59,13 @@ class Scorer:
         retry = RetryPolicy(attempts=3, backoff_s=0.05, max_backoff_s=0.2)
         named = s.teachers is not None        # with OPD_TEACHERS, each request names its teacher
 
+        auth = {"tls": s.client_tls(), "api_key": s.teacher_api_key}
+
         def client(url: str, name: str) -> TeacherClient:
-            return TeacherClient(url, timeout=s.scorer_teacher_timeout_s, retry=retry, teacher=name if named else None)
+            return TeacherClient(url, timeout=s.scorer_teacher_timeout_s, retry=retry,
+                                 teacher=name if named else None, **auth)
         self.teachers = Teachers(s.teacher_urls(), client)
-        self.agreement = ReplicaCheck(s.teacher_urls(), s.replica_check_rate, named=named) \
+        self.agreement = ReplicaCheck(s.teacher_urls(), s.replica_check_rate, named=named, client_kw=auth) \
             if s.replica_check_rate > 0 else None
         self.experiments = Experiments(self.redis, s.scorer_discovery_s)
         name = default_consumer_name("scorer")

@@ -17,6 +17,9 @@ converges to its weight, a light experiment's next sequences go into the next ba
 waiting behind a heavy one's backlog, and padding stays low. With one experiment this is FIFO
 with length grouping. Batches are not preempted: a sequence can still wait for the batch in
 progress, so OPD_MAX_BATCH_TOKENS bounds the latency others add to a light experiment.
+A request whose caller gives up (its task is cancelled: gRPC deadline, HTTP disconnect) flags
+its queued sequences and jobs; flagged ones are dropped when the next batch is formed, so they
+never reach the engine (a batch already running finishes).
 This module does not validate, authenticate or encode anything.
 """
 from __future__ import annotations
@@ -45,6 +48,7 @@ class _Pending:
     finish: float                # virtual finish tag: start + tokens / weight
     weight: float
     enqueued_at: float = field(default_factory=time.monotonic)
+    cancelled: bool = False      # the caller gave up: dropped when the next batch is formed
 
 
 @dataclass(slots=True)
@@ -54,6 +58,7 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     experiment: str
     n_tokens: int
+    cancelled: bool = False
 
 
 WINDOW_BATCHES = 4   # how far past the anchor's tag (in batches of virtual time) fill may reach
@@ -99,6 +104,9 @@ class Batcher:
         metrics.INFLIGHT_TOKENS.inc(tokens)
         try:
             return list(await asyncio.gather(*(e.future for e in entries)))
+        except asyncio.CancelledError:
+            self._cancel(entries, experiment)
+            raise
         finally:
             metrics.INFLIGHT_TOKENS.dec(tokens)
 
@@ -114,8 +122,21 @@ class Batcher:
         metrics.INFLIGHT_TOKENS.inc(n_tokens)
         try:
             return await job.future
+        except asyncio.CancelledError:
+            self._cancel([job], experiment)
+            raise
         finally:
             metrics.INFLIGHT_TOKENS.dec(n_tokens)
+
+    def _cancel(self, entries: list, experiment: str) -> None:
+        """The caller gave up: flag what is still queued; count the request if anything was."""
+        with self._cond:
+            queued = {id(x) for x in (*self._pending, *self._jobs)}
+            left = [e for e in entries if id(e) in queued]
+            for e in left:
+                e.cancelled = True
+        if left:
+            metrics.CANCELLED.labels(experiment).inc()
 
     def _idle_credit(self, first: ScoreItem, weight: float) -> float:
         """An experiment that was idle starts early by its first sequence's own virtual length
@@ -148,6 +169,8 @@ class Batcher:
             batch = self._take()
             if batch is None:
                 return
+            if not batch:
+                continue
             if isinstance(batch, _Job):
                 self._run_job(batch)
                 continue
@@ -189,8 +212,9 @@ class Batcher:
             self.on_engine_time(job.experiment, elapsed)
 
     def _take(self) -> list[_Pending] | _Job | None:
+        """The next batch or job; None when stopping; [] when every waiting caller gave up."""
         with self._cond:
-            while not self._pending and not self._jobs:
+            while not self._drop_cancelled():
                 if self._stopping:
                     return None
                 self._cond.wait()
@@ -201,10 +225,18 @@ class Batcher:
                 deadline = self._pending[0].enqueued_at + self.batch_wait_s
                 while self._tokens_waiting() < self.max_batch_tokens and time.monotonic() < deadline:
                     self._cond.wait(max(0.0, deadline - time.monotonic()))
+            if not self._drop_cancelled() or not self._pending:   # all gave up during the wait
+                return []
             batch = self._select()
             self._busy = len(batch)
             metrics.QUEUED_SEQUENCES.set(len(self._pending))
             return batch
+
+    def _drop_cancelled(self) -> bool:
+        """Forget work whose caller gave up; True when something is left to run (lock held)."""
+        self._pending = [p for p in self._pending if not p.cancelled]
+        self._jobs = [j for j in self._jobs if not j.cancelled]
+        return bool(self._pending or self._jobs)
 
     def _tokens_waiting(self) -> int:
         return sum(p.item.n_tokens for p in self._pending)

@@ -16,19 +16,21 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import threading
 from typing import Callable
 
+import grpc
 import uvicorn
 
-from opd_services.config import Settings
+from opd_services.config import Settings, check_tls
 from opd_services.errors import Unavailable
 from opd_services.teacher.engines import engine_factory
 from opd_services.teacher.engines.base import Engine
 from opd_services.teacher.service import ScoringService
 from opd_services.teacher.surfaces import http
 from opd_services.teacher.surfaces.admin_http import admin_router
-from opd_services.teacher.surfaces.common import BodyLimit, Observe, tenant_dependency
+from opd_services.teacher.surfaces.common import BodyLimit, CancelOnDisconnect, Observe, tenant_dependency
 from opd_services.teacher.surfaces.dialects import vllm
 from opd_services.teacher.surfaces.grpc import create_server
 from opd_services.tenancy.auth import Authenticator, UsageRecorder
@@ -39,13 +41,32 @@ log = logging.getLogger(__name__)
 HTTP_ROUTES = http.ROUTES | vllm.ROUTES | {"/v1/admin/experiments"}
 
 
-def http_app(service: ScoringService, max_body_bytes: int, registry: Registry | None):
+def http_app(service: ScoringService, max_body_bytes: int, registry: Registry | None, body_timeout_s: float = 30.0):
     """The one HTTP app: native routes, then admin (with a registry) and the dialects, on one port."""
     app = http.create_app(service)
     if registry is not None:
         app.include_router(admin_router(registry, tenant_dependency(service)))
     vllm.mount(app, service)
-    return Observe(BodyLimit(app, max_body_bytes), HTTP_ROUTES)
+    return Observe(CancelOnDisconnect(BodyLimit(app, max_body_bytes, body_timeout_s)), HTTP_ROUTES)
+
+
+def _uvicorn_tls(s: Settings) -> dict:
+    """uvicorn's TLS options from OPD_TLS_* (checked at start-up by config.check_tls)."""
+    if not s.tls:
+        return {}
+    opts = {"ssl_certfile": str(s.tls_cert), "ssl_keyfile": str(s.tls_key)}
+    if s.tls_client_ca is not None:
+        opts |= {"ssl_ca_certs": str(s.tls_client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return opts
+
+
+def _grpc_credentials(s: Settings) -> grpc.ServerCredentials | None:
+    """The same certificate for gRPC; with OPD_TLS_CLIENT_CA, a client certificate is required."""
+    if not s.tls:
+        return None
+    ca = s.tls_client_ca.read_bytes() if s.tls_client_ca is not None else None
+    return grpc.ssl_server_credentials([(s.tls_key.read_bytes(), s.tls_cert.read_bytes())],
+                                       root_certificates=ca, require_client_auth=ca is not None)
 
 
 class _Uvicorn(uvicorn.Server):
@@ -67,6 +88,7 @@ def _bind(host: str, port: int) -> socket.socket:
 
 class TeacherServer:
     def __init__(self, settings: Settings, engine: Callable[[], Engine] | None = None):
+        check_tls(settings)
         self.settings = settings
         self._engine = engine or engine_factory(settings)
         self.service: ScoringService | None = None
@@ -114,17 +136,22 @@ class TeacherServer:
         # gRPC first, then HTTP: both answer health while the engine loads
         self._grpc, self._grpc_surface = create_server(self.service, s.max_body_bytes)
         host = f"[{s.host}]" if ":" in s.host else s.host
-        self.grpc_port = self._grpc.add_insecure_port(f"{host}:{s.grpc_port}")
+        creds = _grpc_credentials(s)
+        self.grpc_port = (self._grpc.add_secure_port(f"{host}:{s.grpc_port}", creds) if creds else
+                          self._grpc.add_insecure_port(f"{host}:{s.grpc_port}"))
         await self._grpc_surface.set_serving(False)
         await self._grpc.start()
         sock = _bind(s.host, s.http_port)
         self.http_port = sock.getsockname()[1]
-        app = http_app(self.service, s.max_body_bytes, self._registry)
+        app = http_app(self.service, s.max_body_bytes, self._registry, s.http_body_timeout_s)
         config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
-                                timeout_graceful_shutdown=int(s.drain_timeout_s) or None)
+                                timeout_graceful_shutdown=int(s.drain_timeout_s) or None,
+                                **_uvicorn_tls(s))
         self._uvicorn = _Uvicorn(config)
         self._http_task = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))
-        log.info("teacher listening: http://%s:%d grpc://%s:%d", s.host, self.http_port, s.host, self.grpc_port)
+        http_scheme, grpc_scheme = ("https", "grpcs") if s.tls else ("http", "grpc")
+        log.info("teacher listening: %s://%s:%d %s://%s:%d%s", http_scheme, s.host, self.http_port, grpc_scheme,
+                 s.host, self.grpc_port, " (mutual TLS)" if s.tls_client_ca else "")
         loading = asyncio.create_task(self._load())
         if wait_ready:
             await loading
@@ -203,11 +230,11 @@ class BackgroundTeacher:
 
     @property
     def http_url(self) -> str:
-        return f"http://{self._host()}:{self.server.http_port}"
+        return f"{'https' if self.server.settings.tls else 'http'}://{self._host()}:{self.server.http_port}"
 
     @property
     def grpc_url(self) -> str:
-        return f"grpc://{self._host()}:{self.server.grpc_port}"
+        return f"{'grpcs' if self.server.settings.tls else 'grpc'}://{self._host()}:{self.server.grpc_port}"
 
     def _host(self) -> str:
         h = self.server.settings.host

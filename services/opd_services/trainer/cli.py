@@ -45,10 +45,11 @@ def add_parser(sub) -> None:
 
 
 def config_from(args: argparse.Namespace):
-    from opd_services.config import Settings
+    from opd_services.config import Settings, check_tls
     from opd_services.trainer.config import TrainConfig
     settings = Settings.load(teacher_url=args.teacher_url, redis_url=args.redis_url,
                              trainer_metrics_port=args.metrics_port)
+    check_tls(settings)
     if not args.direct and args.mode == "opd" and not settings.redis_url:
         raise ConfigError("queue mode needs --redis-url / OPD_REDIS_URL (the Redis your `opd scorer` reads); "
                           "or pass --direct to call the teacher without the queue")
@@ -58,6 +59,7 @@ def config_from(args: argparse.Namespace):
         student = task_student(settings.cache_dir)
     return TrainConfig(
         student=Path(student), out=Path(args.out), teacher_url=settings.teacher_url, redis_url=settings.redis_url,
+        teacher_tls=settings.client_tls(),
         direct=args.direct, experiment=args.experiment, mode=args.mode, loss=args.loss, top_k=args.top_k,
         beta=args.beta, steps=args.steps, teacher_tokens=args.teacher_tokens, batch_size=args.batch_size, lr=args.lr,
         temperature=args.temperature, baseline=not args.no_baseline, prefetch=args.prefetch, max_staleness=args.max_staleness,

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from opd_client.tls import TLS
 from opd_services.errors import ConfigError
 
 LOSSES = ("rkl", "fkl", "jsd")
@@ -19,6 +20,7 @@ class TrainConfig:
     student: Path                      # HF-format student directory (with the task tokenizer)
     out: Path                          # where history.json and checkpoint/ go
     teacher_url: str = "grpc://127.0.0.1:50051"
+    teacher_tls: TLS | None = None     # CA bundle / client certificate for https:// and grpcs:// (OPD_TLS_CA, ...)
     redis_url: str | None = None       # queue mode; None with direct=False: start an embedded Valkey
     direct: bool = False               # call the teacher without the queue
     experiment: str = "demo"
@@ -65,4 +67,6 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')}={getattr(self, name)!r}: {reason}")
 
     def to_dict(self) -> dict:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+        def plain(v):
+            return str(v) if isinstance(v, Path) else {k: plain(x) for k, x in v.items()} if isinstance(v, dict) else v
+        return {k: plain(v) for k, v in asdict(self).items()}

@@ -201,7 +201,7 @@ class Trainer:
     def _open_source(self):
         cfg = self.cfg
         if cfg.mode == "sft":
-            return TeacherSamples(cfg.teacher_url)
+            return TeacherSamples(cfg.teacher_url, cfg.teacher_tls)
         if cfg.direct:
-            return DirectScores(cfg.teacher_url)
+            return DirectScores(cfg.teacher_url, tls=cfg.teacher_tls)
         return QueueScores(cfg.redis_url, cfg.experiment, consumer=f"trainer-{cfg.experiment}")

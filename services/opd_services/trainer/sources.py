@@ -13,7 +13,7 @@ import uuid
 
 import numpy as np
 
-from opd_client import Sequence, TeacherClient
+from opd_client import TLS, Sequence, TeacherClient
 from opd_client.types import Rollout, ScoredRollout
 from opd_services.modeling.sampling import SampleParams, sample
 from opd_services.tasks.addition import EOS, AdditionTask
@@ -41,8 +41,8 @@ def new_run_id() -> str:
 class DirectScores:
     """Score rollouts with one TeacherClient call per step (no queue)."""
 
-    def __init__(self, teacher_url: str, max_per_request: int = 256):
-        self.client = TeacherClient(teacher_url)
+    def __init__(self, teacher_url: str, max_per_request: int = 256, tls: TLS | None = None):
+        self.client = TeacherClient(teacher_url, tls=tls)
         self.max_per_request = max_per_request
         self._waiting: list[Rollout] = []
 
@@ -103,8 +103,8 @@ class QueueScores:
 class TeacherSamples:
     """The SFT baseline's data: the teacher's own completions (POST /v1/generate)."""
 
-    def __init__(self, teacher_url: str):
-        self.client = TeacherClient(teacher_url)
+    def __init__(self, teacher_url: str, tls: TLS | None = None):
+        self.client = TeacherClient(teacher_url, tls=tls)
 
     def sample(self, task: AdditionTask, operands: np.ndarray, temperature: float, seed: int):
         """([prompt + completion] sequences, prompt length, teacher tokens generated)."""

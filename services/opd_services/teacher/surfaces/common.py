@@ -6,6 +6,7 @@ the same status in its own protocol's body shape. This module knows no routes of
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -93,7 +94,7 @@ class Observe:
         path = scope["path"]
         route = path if path in self.routes else ("/v1/admin/experiments" if path.startswith("/v1/admin/") else
                                             "/v1/experiments" if path.startswith("/v1/experiments/") else "other")
-        status, answered = [500], [False]
+        status, answered = [500], [False]   # an app that raises answers 500 (error_response)
         t0 = time.perf_counter()
 
         async def send_observed(msg):
@@ -109,16 +110,28 @@ class Observe:
             if not answered[0]:       # not answered in full: let uvicorn answer 500 or close
                 raise
         finally:
+            if scope["state"].get("client_gone") and status[0] == 500:
+                status[0] = 499      # nginx's "client closed request": nobody was answered
             metrics.REQUEST_LATENCY.labels(route).observe(time.perf_counter() - t0)
             metrics.REQUESTS.labels(route, str(status[0]), scope["state"]["experiment"]).inc()
 
 
-class BodyLimit:
-    """ASGI middleware: refuse a body over the limit before it is read in full (413)."""
+def _too_slow(timeout_s: float) -> Response:
+    body = {"error": {"code": "request_timeout", "field": "body",
+                      "message": f"the request body did not arrive within {timeout_s:g} s (OPD_HTTP_BODY_TIMEOUT_S); "
+                                 "send it faster or in smaller requests"}}
+    return json_response(body, 408, {"connection": "close"})
 
-    def __init__(self, app, max_bytes: int):
+
+class BodyLimit:
+    """ASGI middleware: refuse a body over the limit before it is read in full (413), and one
+    that does not arrive within `timeout_s` (408, connection closed): a client sending a byte a
+    second holds its connection for `timeout_s` at most."""
+
+    def __init__(self, app, max_bytes: int, timeout_s: float = 30.0):
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -128,11 +141,18 @@ class BodyLimit:
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             return await error_response(too_big)(scope, receive, send)
         seen, responded = 0, False
+        deadline = time.monotonic() + self.timeout_s
 
         async def limited_receive():
-            # Past the limit: answer 413 now and tell the app the client went away.
+            # Past the limit or the deadline: answer 413 / 408 now and tell the app the client went away.
             nonlocal seen, responded
-            msg = await receive()
+            try:
+                msg = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                if not responded:
+                    responded = True
+                    await _too_slow(self.timeout_s)(scope, receive, send)
+                return {"type": "http.disconnect"}
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.max_bytes:
@@ -147,3 +167,57 @@ class BodyLimit:
                 await send(msg)
 
         await self.app(scope, limited_receive, guarded_send)
+
+
+class CancelOnDisconnect:
+    """ASGI middleware: when the client disconnects before it was answered (its timeout, a killed
+    trainer), cancel the request's handler, so its queued sequences leave the batcher
+    (opd_requests_cancelled_total) instead of running for nobody.
+
+    Once the body is read, a watcher waits on `receive` for http.disconnect; the app never reads
+    past its body on these routes, and a later `receive` from it gets the watcher's answer."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        body_read, gone = asyncio.Event(), asyncio.Event()
+        answered = False
+
+        async def app_receive():
+            if body_read.is_set():
+                await gone.wait()
+                return {"type": "http.disconnect"}
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                gone.set()
+            elif not msg.get("more_body", False):
+                body_read.set()
+            return msg
+
+        async def app_send(msg):
+            nonlocal answered
+            answered = True
+            await send(msg)
+
+        handler = asyncio.ensure_future(self.app(scope, app_receive, app_send))
+
+        async def watch():
+            await body_read.wait()
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+            if not answered:
+                scope.setdefault("state", {})["client_gone"] = True
+                handler.cancel()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await handler
+        except asyncio.CancelledError:
+            if not scope.get("state", {}).get("client_gone"):
+                raise            # the server itself is stopping: not a disconnect
+        finally:
+            watcher.cancel()

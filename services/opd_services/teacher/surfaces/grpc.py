@@ -6,6 +6,7 @@ are mapped to status codes here and only here (`_status`).
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -68,6 +69,9 @@ class TeacherGrpc:
             tenant = await self.service.authenticate(md.get("authorization"))
             who = tenant.name
             return await call(tenant)
+        except asyncio.CancelledError:   # deadline passed or the client cancelled: the batcher dropped its work
+            code = grpc.StatusCode.CANCELLED
+            raise
         except Exception as e:  # mapped to a status here, the one place for this surface
             code, details, md = _status(e)
             context.set_trailing_metadata(md)

@@ -1,14 +1,15 @@
 """Native HTTP surface (FastAPI): parse, call ScoringService, map the result. Nothing else.
 
 Routes: POST /v1/score, POST /v1/generate, GET /v1/model, GET /healthz, GET /readyz, GET /metrics,
-OpenAPI at /docs. Errors map to status codes in `common.py`; other surfaces (admin, dialects)
+OpenAPI at /docs (assets served locally). Errors map to status codes in `common.py`; other surfaces (admin, dialects)
 are mounted on this app by server.py.
 """
 from __future__ import annotations
 
 from fastapi import Depends, FastAPI, Request
+from fastapi_offline import FastAPIOffline
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from opd_services.errors import InvalidRequest, OPDError
@@ -23,7 +24,9 @@ ROUTES = {"/v1/score", "/v1/generate", "/v1/model", "/healthz", "/readyz", "/met
 
 def create_app(service: ScoringService) -> FastAPI:
     """The native routes and the app-wide exception handlers; server.py mounts the other surfaces."""
-    app = FastAPI(title="OPD Teacher", version="1",
+    # /docs and /redoc serve Swagger UI and ReDoc from the fastapi-offline package, never a CDN:
+    # the page works on air-gapped clusters (tests/services/teacher/test_docs_offline.py)
+    app = FastAPIOffline(title="OPD Teacher", version="1",
                   description="Teacher-as-a-service for on-policy distillation: per-token teacher logprobs.")
 
     tenant = tenant_dependency(service)
@@ -69,7 +72,7 @@ def create_app(service: ScoringService) -> FastAPI:
             return json_response({"status": "draining" if service.draining else "loading"}, 503)
         return json_response({"status": "ready"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)   # documented as text/plain, as it is served
     async def prometheus():
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
