@@ -12,7 +12,7 @@ import pytest
 
 from deploy_helpers import COMPOSE, COMPOSE_ENV, REPO, compose, require_tool, run
 
-PROFILES = ("demo", "gpu", "fleet", "multi-teacher")
+PROFILES = ("demo", "gpu", "fleet", "multi-teacher", "tls")
 COMBOS = [c for n in range(len(PROFILES) + 1) for c in itertools.combinations(PROFILES, n)]
 
 

@@ -9,7 +9,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from deploy_helpers import COMPOSE, REPO, _kustomize_ok, env_of, find, require_tool, run
+from deploy_helpers import COMPOSE, COMPOSE_ENV, REPO, _kustomize_ok, env_of, find, require_tool, run
 
 SECRET_FILES = {"tls.crt", "tls.key"}
 
@@ -64,5 +64,5 @@ def test_compose_tls_profile():
     assert s["environment"]["OPD_TEACHER_URL"].startswith("grpcs://teacher-tls:")
     assert s["environment"]["OPD_TLS_CA"].startswith("/etc/opd/tls/")
     compose = require_tool("docker-compose")
-    proc = run([compose, "-f", str(COMPOSE), "--profile", "tls", "config", "-q"])
+    proc = run([compose, "-f", str(COMPOSE), "--profile", "tls", "config", "-q"], env=COMPOSE_ENV)
     assert proc.returncode == 0, proc.stderr
