@@ -27,14 +27,14 @@ from opd_services.teacher.service import ScoringService
 from opd_services.teacher.surfaces import http
 from opd_services.teacher.surfaces.admin_http import admin_router
 from opd_services.teacher.surfaces.common import BodyLimit, Observe, tenant_dependency
-from opd_services.teacher.surfaces.dialects import vllm
+from opd_services.teacher.surfaces.dialects import sglang, vllm
 from opd_services.teacher.surfaces.grpc import create_server
 from opd_services.tenancy.auth import Authenticator, UsageRecorder
 from opd_services.tenancy.registry import Registry
 
 log = logging.getLogger(__name__)
 # Every HTTP route, as the request metrics label it (admin routes are labelled by prefix).
-HTTP_ROUTES = http.ROUTES | vllm.ROUTES | {"/v1/admin/experiments"}
+HTTP_ROUTES = http.ROUTES | vllm.ROUTES | sglang.ROUTES | {"/v1/admin/experiments"}
 
 
 def http_app(service: ScoringService, max_body_bytes: int, registry: Registry | None):
@@ -43,6 +43,7 @@ def http_app(service: ScoringService, max_body_bytes: int, registry: Registry | 
     if registry is not None:
         app.include_router(admin_router(registry, tenant_dependency(service)))
     vllm.mount(app, service)
+    sglang.mount(app, service)
     return Observe(BodyLimit(app, max_body_bytes), HTTP_ROUTES)
 
 
