@@ -66,8 +66,9 @@ def loc_field(loc: tuple) -> str:
 
 
 def _wire_loc(loc: tuple) -> tuple:
-    """A pydantic error location without union-member tags ('list[int]', 'function-after[...]', 'str')."""
-    return tuple(p for p in loc if isinstance(p, int) or not (p in _TYPE_TAGS or "[" in p or "-" in p))
+    """A pydantic error location without union-member tags ('list[int]', 'function-after[...]', 'str', a model's
+    class name): wire field names are lower-case identifiers."""
+    return tuple(p for p in loc if isinstance(p, int) or not (p in _TYPE_TAGS or "[" in p or "-" in p or p[:1].isupper()))
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "none", "dict", "list"}

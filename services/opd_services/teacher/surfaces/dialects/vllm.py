@@ -255,7 +255,7 @@ def _usage(answers: list[_Answer]) -> dict:
     n_prompt = sum(len(a.prompt) for a in answers)
     n_done = sum(0 if a.sample is None else int(a.sample.token_ids_T.shape[0]) for a in answers)
     return {"prompt_tokens": n_prompt, "total_tokens": n_prompt + n_done, "completion_tokens": n_done,
-            "prompt_tokens_details": None}
+            "prompt_tokens_details": None, "completion_tokens_details": None}
 
 
 # ---- renderers, one per shape -------------------------------------------------------------------
@@ -321,7 +321,7 @@ def _completions_response(info, ask: _Ask, answers: list[_Answer], token_ids: bo
             "model": info.name, "choices": [_completion(i, a, ask.prompt_logprobs, token_ids)
                                             for i, a in enumerate(answers)],
             "service_tier": None, "system_fingerprint": f"opd-{info.engine}-{info.revision.split(':')[-1][:12]}",
-            "usage": {**_usage(answers), "completion_tokens_details": None},
+            "usage": _usage(answers),
             "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None}
 
 
