@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-SETTINGS = settings(max_examples=80, deadline=None, derandomize=True,
+SETTINGS = settings(max_examples=50, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 scalar = st.one_of(st.none(), st.booleans(), st.integers(-5, 40), st.integers(-2**70, 2**70),
