@@ -15,14 +15,13 @@ import os
 import subprocess
 import sys
 import sysconfig
-import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 
 from opd_client import Sequence, TeacherClient
+from opd_services.teacher.process import TeacherProcess
 
 pytestmark = pytest.mark.slow
 MS_SWIFT = "ms-swift==4.2.*"
@@ -30,8 +29,9 @@ SEQS = [[5, 9, 17, 3, 3, 80, 1, 2, 64, 99], [1, 2, 3, 4, 5, 6], [7, 7, 7, 100, 1
 CALL = """
 import json, sys
 from swift.rlhf_trainers.gkd_trainer import fetch_teacher_logprobs
-lp, ix, lens = fetch_teacher_logprobs(sys.argv[1], json.loads(sys.argv[2]), topk=int(sys.argv[3]))
-print("RESULT " + json.dumps({"logprobs": lp.tolist(), "indices": ix.tolist(), "lens": lens}))
+for topk in json.loads(sys.argv[3]):
+    lp, ix, lens = fetch_teacher_logprobs(sys.argv[1], json.loads(sys.argv[2]), topk=topk)
+    print("RESULT " + json.dumps({"topk": topk, "logprobs": lp.tolist(), "indices": ix.tolist(), "lens": lens}))
 """
 
 
@@ -61,38 +61,23 @@ def ms_swift_python() -> Path:
 @pytest.fixture(scope="module")
 def opd_serve(tiny_model):
     """A real `opd serve` process on loopback (torch engine, the tiny model)."""
-    env = {**os.environ, "OPD_MODEL": str(tiny_model), "OPD_HTTP_PORT": "0", "OPD_GRPC_PORT": "0",
-           "OPD_LOG_LEVEL": "info", "OPD_AUTH": "off", "OPD_DEVICE": "cpu", "OPD_MAX_TOP_K": "20"}
-    proc = subprocess.Popen([sys.executable, "-m", "opd_services.cli", "serve"], env=env,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        url, deadline = None, time.monotonic() + 90
-        while url is None and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            if "teacher listening" in line:
-                url = line.split("teacher listening: ")[1].split()[0]
-        assert url, "opd serve did not announce its address"
-        while httpx.get(f"{url}/readyz").status_code != 200:
-            assert time.monotonic() < deadline, "opd serve not ready"
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    with TeacherProcess(OPD_MODEL=str(tiny_model), OPD_AUTH="off", OPD_DEVICE="cpu", OPD_MAX_TOP_K="20") as t:
+        yield t.http_url
 
 
-@pytest.mark.parametrize("topk", [1, 5])
-def test_fetch_teacher_logprobs_unmodified(ms_swift_python, opd_serve, topk):
-    r = subprocess.run([str(ms_swift_python), "-c", CALL, opd_serve, json.dumps(SEQS), str(topk)],
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": ""})
-    line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
-    assert r.returncode == 0 and line, r.stderr[-2000:]
-    out = json.loads(line.removeprefix("RESULT "))
-    assert out["lens"] == [len(s) for s in SEQS]
-    with TeacherClient(opd_serve) as c:      # ms-swift sends temperature 0: raw logits, as /v1/score at T = 1
-        native = c.score([Sequence(token_ids=s) for s in SEQS], top_k=topk).results
-    for i, (seq, res) in enumerate(zip(SEQS, native)):
-        n = len(seq) - 1
-        np.testing.assert_allclose(np.array(out["logprobs"][i][:n]), res.top_logprobs_T_K, atol=1e-5)
-        assert np.array(out["indices"][i][:n]).tolist() == res.top_ids_T_K.tolist()
-        assert all(v == -np.inf for row in out["logprobs"][i][n:] for v in row)   # ms-swift's own padding
+def test_fetch_teacher_logprobs_unmodified(ms_swift_python, opd_serve):
+    """ms-swift's own call (one process, top-k 1 and 5: importing swift takes ~1 min)."""
+    r = subprocess.run([str(ms_swift_python), "-c", CALL, opd_serve, json.dumps(SEQS), "[1, 5]"],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": ""})
+    outs = [json.loads(x.removeprefix("RESULT ")) for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+    assert r.returncode == 0 and len(outs) == 2, r.stderr[-2000:]
+    for out in outs:
+        topk = out["topk"]
+        assert out["lens"] == [len(s) for s in SEQS]
+        with TeacherClient(opd_serve) as c:      # ms-swift sends temperature 0: raw logits, as /v1/score at T = 1
+            native = c.score([Sequence(token_ids=s) for s in SEQS], top_k=topk).results
+        for i, (seq, res) in enumerate(zip(SEQS, native)):
+            n = len(seq) - 1
+            np.testing.assert_allclose(np.array(out["logprobs"][i][:n]), res.top_logprobs_T_K, atol=1e-5)
+            assert np.array(out["indices"][i][:n]).tolist() == res.top_ids_T_K.tolist()
+            assert all(v == -np.inf for row in out["logprobs"][i][n:] for v in row)   # ms-swift's own padding
