@@ -12,7 +12,7 @@ each driven by plain httpx + orjson (the body parsed, as a trainer would):
                                               {"token_ids", "sampling_params": {"max_tokens": 1, "prompt_logprobs": k}}
   - sglang   POST /generate                   {"input_ids": [...], "sampling_params": {"max_new_tokens": 0},
                                               "return_logprob": true, "logprob_start_len": 0, "top_logprobs_num": k}
-Routes are measured in turn, the whole round twice (best of the two per route), so a load swing
+Routes are measured in turn, the whole round `--passes` times (best per route), so a load swing
 on a shared machine hits every route. Prints tokens scored/s per route and each dialect / native
 (target >= 0.9), and a json line.
 """
@@ -81,6 +81,7 @@ def main() -> None:
     ap.add_argument("--per-request", type=int, default=4)
     ap.add_argument("--length", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=2, help="requests per stream per measurement")
+    ap.add_argument("--passes", type=int, default=2, help="rounds over all routes; each route keeps its best")
     args = ap.parse_args()
     model = cached_random_llama(CACHE, BENCH_MODEL, prefix="bench")
     rng = np.random.default_rng(0)
@@ -92,7 +93,7 @@ def main() -> None:
     fig: dict = {}
     with TeacherProcess(OPD_MODEL=str(model), OPD_ENGINE="torch", OPD_DEVICE="cpu", OPD_DTYPE="float32",
                         OPD_AUTH="off") as t:
-        for attempt in range(2):
+        for attempt in range(args.passes):
             for k in KS:
                 for route in ("native", "vllm", "tokens", "sglang"):
                     rate = asyncio.run(drive(t.http_url, route, reqs, k, args.rounds, scored))
