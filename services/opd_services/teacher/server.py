@@ -31,14 +31,14 @@ from opd_services.teacher.service import ScoringService
 from opd_services.teacher.surfaces import http
 from opd_services.teacher.surfaces.admin_http import admin_router
 from opd_services.teacher.surfaces.common import BodyLimit, CancelOnDisconnect, Observe, tenant_dependency
-from opd_services.teacher.surfaces.dialects import vllm
+from opd_services.teacher.surfaces.dialects import sglang, vllm
 from opd_services.teacher.surfaces.grpc import create_server
 from opd_services.tenancy.auth import Authenticator, UsageRecorder
 from opd_services.tenancy.registry import Registry
 
 log = logging.getLogger(__name__)
 # Every HTTP route, as the request metrics label it (admin routes are labelled by prefix).
-HTTP_ROUTES = http.ROUTES | vllm.ROUTES | {"/v1/admin/experiments"}
+HTTP_ROUTES = http.ROUTES | vllm.ROUTES | sglang.ROUTES | {"/v1/admin/experiments"}
 
 
 def http_app(service: ScoringService, max_body_bytes: int, registry: Registry | None, body_timeout_s: float = 30.0):
@@ -47,6 +47,7 @@ def http_app(service: ScoringService, max_body_bytes: int, registry: Registry | 
     if registry is not None:
         app.include_router(admin_router(registry, tenant_dependency(service)))
     vllm.mount(app, service)
+    sglang.mount(app, service)
     return Observe(CancelOnDisconnect(BodyLimit(app, max_body_bytes, body_timeout_s)), HTTP_ROUTES)
 
 

@@ -64,6 +64,25 @@ def test_every_route_and_rpc_needs_a_key(tenant_teacher, two):
                 c.model()
 
 
+DIALECTS = [  # route, body, the error body's shape
+    ("/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 1, "prompt_logprobs": 1}, {"message", "type", "param", "code"}),
+    ("/inference/v1/generate", {"token_ids": [1, 2, 3], "sampling_params": {"max_tokens": 1, "prompt_logprobs": 1}},
+     {"message", "type", "param", "code"}),
+    ("/generate", {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 0}, "return_logprob": True,
+                   "logprob_start_len": 0}, {"message"}),
+]
+
+
+@pytest.mark.parametrize("path,body,shape", DIALECTS, ids=[d[0] for d in DIALECTS])
+def test_dialect_routes_need_a_key_and_answer_in_their_shape(tenant_teacher, two, path, body, shape):
+    url = tenant_teacher.http_url
+    for headers in ({}, auth("opd_not-a-real-key")):
+        r = httpx.post(f"{url}{path}", json=body, headers=headers)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (path, r.text)
+        assert set(r.json()["error"]) == shape
+    assert httpx.post(f"{url}{path}", json=body, headers=auth(two[0].api_key)).status_code == 200
+
+
 def test_experiment_key_scores_as_itself_and_cannot_manage_or_read_others(tenant_teacher, two, registry):
     a, b = two
     url = tenant_teacher.http_url

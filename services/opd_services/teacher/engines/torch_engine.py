@@ -147,14 +147,26 @@ class TorchEngine:
 
 def _rank(logits_n_V: torch.Tensor, target_n: torch.Tensor, top_vals_n_K: torch.Tensor | None) -> torch.Tensor:
     """1 + #(logits > the actual token's). A token at or above the k-th top value has every
-    strictly larger logit inside the top-k, so only the other rows need the full-vocabulary count."""
+    strictly larger logit inside the top-k, so only the other rows need the full-vocabulary count;
+    when most rows need it, all rows are counted in place (no copy of the chunk's rows)."""
     if top_vals_n_K is None:
-        return (logits_n_V > target_n[:, None]).sum(-1) + 1
+        return _count_greater(logits_n_V, target_n) + 1
     rank_n = (top_vals_n_K > target_n[:, None]).sum(-1) + 1
-    outside = (target_n < top_vals_n_K[:, -1]).nonzero()[:, 0]
-    if outside.numel():
-        rank_n[outside] = (logits_n_V[outside] > target_n[outside, None]).sum(-1) + 1
+    outside_n = target_n < top_vals_n_K[:, -1]
+    n_out = int(outside_n.sum())
+    if n_out * 4 > outside_n.numel():
+        rank_n = torch.where(outside_n, _count_greater(logits_n_V, target_n) + 1, rank_n)
+    elif n_out:
+        rows = outside_n.nonzero()[:, 0]
+        rank_n[rows] = _count_greater(logits_n_V[rows], target_n[rows]) + 1
     return rank_n
+
+
+def _count_greater(logits_n_V: torch.Tensor, target_n: torch.Tensor) -> torch.Tensor:
+    """#(logits > target) per row, as a float32 matrix-vector product with ones: BLAS reduces it
+    ~1.5x faster than a boolean sum on CPU, and it is exact (counts < 2^24, any real vocabulary)."""
+    ones_V = torch.ones(logits_n_V.shape[1], dtype=torch.float32, device=logits_n_V.device)
+    return torch.mv((logits_n_V > target_n[:, None]).to(torch.float32), ones_V).to(torch.int64)
 
 
 class _Rows:

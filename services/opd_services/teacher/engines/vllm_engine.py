@@ -16,6 +16,10 @@ Three paths, picked per item:
            position) but costs O(vocab) per position, so it is refused (422) above
            `vllm_full_vocab_limit`.
 Every position's answer must contain the actual token; if not, the batch fails loudly.
+Generation (`generate`): one vLLM request per prompt (all submitted at once), sampling the
+contract's way: temperature (0 = greedy), seed (+ the prompt's index), stop ids included in the
+output, no stop at the model's EOS unless asked (ignore_eos), and the sampled tokens' logprobs of the
+distribution sampled from (vLLM's `processed_logprobs` mode; prompt logprobs are the same in both modes).
 This module does not validate requests (ScoringService does), batch them, or know a wire format.
 """
 from __future__ import annotations
@@ -32,7 +36,7 @@ import numpy as np
 
 from opd_client.types import ModelInfo
 from opd_services.errors import ConfigError, InvalidRequest
-from opd_services.teacher.engines.base import ItemScores, ScoreItem, revision_hash
+from opd_services.teacher.engines.base import GenerateItem, ItemScores, Sampled, ScoreItem, revision_hash
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +79,8 @@ class VllmEngine:
                 "enforce_eager": not torch.cuda.is_available(),
                 # the actual token comes on top of k; the span path asks 1 + C ids per row; the
                 # full path needs the whole vocabulary
-                "max_logprobs": -1 if self.full_vocab else max(max_top_k, 1 + max_candidates)}
+                "max_logprobs": -1 if self.full_vocab else max(max_top_k, 1 + max_candidates),
+                "logprobs_mode": "processed_logprobs"}
         args.update(engine_args or {})
         try:
             engine_args_obj = AsyncEngineArgs(**args)
@@ -130,6 +135,27 @@ class VllmEngine:
         if path == "span":
             return _from_span(item, out.prompt_token_id_logprobs)
         return _from_flat(item, out.prompt_logprobs, path == "full")
+
+    def generate(self, item: GenerateItem) -> list[Sampled]:
+        return self._call(self._generate_all(item))
+
+    async def _generate_all(self, item: GenerateItem) -> list[Sampled]:
+        return list(await asyncio.gather(*(self._generate_one(p, item, i) for i, p in enumerate(item.prompts))))
+
+    async def _generate_one(self, prompt: np.ndarray, item: GenerateItem, i: int) -> Sampled:
+        from vllm import SamplingParams, TokensPrompt
+        p = item.params
+        params = SamplingParams(max_tokens=p.max_tokens, temperature=p.temperature, stop_token_ids=list(p.stop_ids),
+                                seed=None if p.seed is None else (p.seed + i) % 2**63, logprobs=0, ignore_eos=True,
+                                detokenize=False)
+        out = None
+        async for out in self.llm.generate(TokensPrompt(prompt_token_ids=prompt.tolist()), params,
+                                           request_id=uuid.uuid4().hex):
+            pass
+        done = out.outputs[0]
+        ids = np.asarray(done.token_ids, dtype=np.int64)
+        lps = np.asarray([step[t].logprob for t, step in zip(done.token_ids, done.logprobs)], dtype=np.float32)
+        return Sampled(ids, lps, "stop" if done.finish_reason == "stop" else "length")
 
     def _path(self, item: ScoreItem) -> str:
         if self.span and item.top_k == 0 and item.temperature == 1.0 and not (item.entropy or item.rank):

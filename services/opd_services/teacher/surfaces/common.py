@@ -14,6 +14,7 @@ import uuid
 import orjson
 from fastapi import Request
 from fastapi.responses import Response
+from pydantic import BaseModel, ValidationError
 
 from opd_services import metrics
 from opd_services.errors import (InvalidRequest, NotFound, OPDError, PayloadTooLarge, PermissionDenied,
@@ -65,6 +66,30 @@ def loc_field(loc: tuple) -> str:
     for p in parts:
         out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
     return out or "body"
+
+
+def _wire_loc(loc: tuple) -> tuple:
+    """A pydantic error location without union-member tags ('list[int]', 'function-after[...]', 'str', a model's
+    class name): wire field names are lower-case identifiers."""
+    return tuple(p for p in loc if isinstance(p, int) or not (p in _TYPE_TAGS or "[" in p or "-" in p or p[:1].isupper()))
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "none", "dict", "list"}
+
+
+def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
+    """A JSON body validated into a dialect's pydantic model; InvalidRequest naming the first bad field."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise InvalidRequest("body", f"malformed JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("body", "must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise InvalidRequest(loc_field(_wire_loc(tuple(first["loc"]))), first["msg"]) from None
 
 
 def tenant_dependency(service):

@@ -1,0 +1,112 @@
+"""Dialect bench (issue 11): each dialect route against our native HTTP route, same work, one run.
+
+    .venv/bin/python bench/dialects.py            # ~3-6 min on a 2-core CPU machine
+
+Work: BENCH_MODEL (hidden 256, 4 layers, 32k vocabulary, random weights, float32), torch engine,
+`opd serve` as its own process; S concurrent streams (default 8), each sending R requests (default
+2) of P sequences x L tokens (default 4 x 256), every position scored, k = 0 and k = 5. Routes,
+each driven by plain httpx + orjson (the body parsed, as a trainer would):
+  - native   POST /v1/score                   {"sequences": [...], "top_k": k}
+  - vllm     POST /v1/completions             {"prompt": [...], "max_tokens": 1, "prompt_logprobs": k}
+  - tokens   POST /inference/v1/generate      one request per sequence (the route takes one prompt),
+                                              {"token_ids", "sampling_params": {"max_tokens": 1, "prompt_logprobs": k}}
+  - sglang   POST /generate                   {"input_ids": [...], "sampling_params": {"max_new_tokens": 0},
+                                              "return_logprob": true, "logprob_start_len": 0, "top_logprobs_num": k}
+Routes are measured in turn, the whole round `--passes` times (best per route), so a load swing
+on a shared machine hits every route. Prints tokens scored/s per route and each dialect / native
+(target >= 0.9), and a json line.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+# bench/queue.py is named like the stdlib's `queue`: keep this folder off the import path
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+import orjson  # noqa: E402
+
+from opd_services.modeling.checkpoints import BENCH_MODEL, cached_random_llama  # noqa: E402
+from opd_services.teacher.process import TeacherProcess  # noqa: E402
+
+CACHE = Path(os.environ.get("OPD_CACHE_DIR", Path.home() / ".cache/opd"))
+KS = (0, 5)
+
+
+def bodies(route: str, req: list[list[int]], k: int) -> list[tuple[str, dict]]:
+    """(path, body) posted for one unit of work (P sequences) on a route."""
+    if route == "native":
+        return [("/v1/score", {"sequences": [{"token_ids": s} for s in req], "top_k": k})]
+    if route == "vllm":
+        return [("/v1/completions", {"prompt": req, "max_tokens": 1, "prompt_logprobs": k})]
+    if route == "tokens":
+        return [("/inference/v1/generate", {"token_ids": s, "sampling_params": {"max_tokens": 1, "prompt_logprobs": k}})
+                for s in req]
+    return [("/generate", {"input_ids": req, "sampling_params": {"max_new_tokens": 0}, "return_logprob": True,
+                           "logprob_start_len": 0, "top_logprobs_num": k})]
+
+
+async def drive(url: str, route: str, reqs: list, k: int, rounds: int, scored: int) -> float:
+    """Every stream sends its request `rounds` times in a row; tokens scored per second."""
+    async with httpx.AsyncClient(base_url=url, timeout=900, limits=httpx.Limits(max_connections=256)) as client:
+        async def post(path, body):
+            r = await client.post(path, content=orjson.dumps(body), headers={"content-type": "application/json"})
+            r.raise_for_status()
+            orjson.loads(r.content)
+
+        async def unit(req):
+            await asyncio.gather(*(post(p, b) for p, b in bodies(route, req, k)))
+
+        await unit(reqs[0])                                                    # warm up
+        t0 = time.perf_counter()
+
+        async def stream(req):
+            for _ in range(rounds):
+                await unit(req)
+        await asyncio.gather(*(stream(r) for r in reqs))
+        return len(reqs) * rounds * scored / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--streams", type=int, default=8)
+    ap.add_argument("--per-request", type=int, default=4)
+    ap.add_argument("--length", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=2, help="requests per stream per measurement")
+    ap.add_argument("--passes", type=int, default=2, help="rounds over all routes; each route keeps its best")
+    args = ap.parse_args()
+    model = cached_random_llama(CACHE, BENCH_MODEL, prefix="bench")
+    rng = np.random.default_rng(0)
+    reqs = [[rng.integers(0, BENCH_MODEL.vocab_size, args.length).tolist() for _ in range(args.per_request)]
+            for _ in range(args.streams)]
+    scored = args.per_request * (args.length - 1)
+    print(f"bench model: {model}\nwork: {args.streams} streams x {args.rounds} requests x {args.per_request} x "
+          f"{args.length} tokens; torch engine; load average {os.getloadavg()[0]:.1f}", flush=True)
+    fig: dict = {}
+    with TeacherProcess(OPD_MODEL=str(model), OPD_ENGINE="torch", OPD_DEVICE="cpu", OPD_DTYPE="float32",
+                        OPD_AUTH="off") as t:
+        for attempt in range(args.passes):
+            for k in KS:
+                for route in ("native", "vllm", "tokens", "sglang"):
+                    rate = asyncio.run(drive(t.http_url, route, reqs, k, args.rounds, scored))
+                    fig[f"{route}/k{k}"] = max(rate, fig.get(f"{route}/k{k}", 0.0))
+                    print(f"  pass {attempt + 1} k={k} {route:<7} {rate:8,.0f} tok/s", flush=True)
+    for k in KS:
+        for route in ("vllm", "tokens", "sglang"):
+            r = fig[f"{route}/k{k}"] / fig[f"native/k{k}"]
+            print(f"D1 k={k} {route:<7} / native HTTP (torch engine)  {r:6.3f}  (target >= 0.9)  "
+                  f"{'PASS' if r >= 0.9 else 'MISS'}")
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+    print("json:", json.dumps(fig))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,308 @@
+"""SGLang dialect: SGLang's native `POST /generate`, what slime and miles send their teacher.
+
+A request (`input_ids` one list, or a list of lists = a batch) is checked, then:
+  - `max_new_tokens: 0` scores only: with `return_logprob`, a ScoreRequest from position
+    `logprob_start_len + 1` (our span path: nothing before it goes through the LM head);
+  - `max_new_tokens > 0` samples through ScoringService.generate, then (with `return_logprob`)
+    scores prompt and completion in one pass for the input and output logprob fields.
+Items of a batch that share temperature and `top_logprobs_num` go to the service in one call.
+The answer is SGLang's, field for field (as SGLang with --skip-tokenizer-init, plus `text: ""`):
+{"text", "output_ids", "meta_info": {"id", "finish_reason", "prompt_tokens", "input_token_logprobs",
+"output_token_logprobs", ["input_top_logprobs", "output_top_logprobs"], ["input_token_ids_logprobs",
+"output_token_ids_logprobs"], "completion_tokens", "cached_tokens", "e2e_latency"}}; every logprob entry
+is [logprob, token_id, null] and input_token_logprobs covers input_ids[logprob_start_len:] with
+entry 0 [null, id, null] (no context scores it), as SGLang pads it.
+Temperature is applied to the logits before log-softmax, as SGLang does for returned logprobs;
+0 means greedy, so raw logits (temperature 1).
+Errors come in SGLang's shape, {"error": {"message": "<field>: <reason>"}}, with the shared status
+codes (surfaces/common.py). Auth: `Authorization: Bearer <experiment key>`, as on every route.
+What it does not do: tokenize (`text` input is refused, `return_text_in_logprobs` yields null
+texts), stream, n > 1, top_p / top_k / min_p truncation, LoRA adapters or multimodal inputs.
+"""
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt
+
+from opd_services.errors import InvalidRequest, OPDError
+from opd_services.teacher.service import GenerateRequest, PromptIn, ScoreRequest, ScoringService, SequenceIn
+from opd_services.teacher.surfaces.common import error_response, error_status, json_response, parse_body, tenant_dependency
+
+ROUTES = {"/generate"}
+_REFUSED = {"input_embeds": "input embeddings", "image_data": "images", "video_data": "videos",
+            "audio_data": "audio", "lora_path": "LoRA adapters", "lora_id": "LoRA adapters"}
+
+
+class SamplingParams(BaseModel):
+    """The fields of SGLang's sampling_params this surface acts on (SGLang's defaults); others are ignored."""
+    model_config = ConfigDict(extra="allow")
+    max_new_tokens: StrictInt = 128
+    temperature: StrictFloat | StrictInt = 1.0
+    top_p: StrictFloat | StrictInt = 1.0
+    top_k: StrictInt = -1
+    min_p: StrictFloat | StrictInt = 0.0
+    n: StrictInt = 1
+    stop_token_ids: list[StrictInt] | None = None
+    sampling_seed: StrictInt | None = None
+    skip_special_tokens: StrictBool = True
+
+
+class GenerateReqInput(BaseModel):
+    """The fields of SGLang's GenerateReqInput this surface acts on; others are accepted and ignored."""
+    model_config = ConfigDict(extra="allow")
+    text: str | list[str] | None = None
+    input_ids: list[StrictInt] | list[list[StrictInt]] | None = None
+    sampling_params: SamplingParams | list[SamplingParams] | None = None
+    rid: str | list[str] | None = None
+    return_logprob: StrictBool | list[StrictBool] | None = None
+    logprob_start_len: StrictInt | list[StrictInt] | None = None
+    top_logprobs_num: StrictInt | list[StrictInt] | None = None
+    token_ids_logprob: list[StrictInt] | list[list[StrictInt]] | None = None
+    return_text_in_logprobs: StrictBool = False
+    stream: StrictBool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    """One checked input of the request, with the options that apply to it."""
+    index: int
+    ids: list[int]
+    rid: str
+    sp: SamplingParams
+    logprob: bool
+    start: int                       # first token of input_ids the input logprob fields cover
+    k: int                           # top_logprobs_num
+    cands: list[int] | None          # token_ids_logprob
+
+    @property
+    def temperature(self) -> float:   # what scoring divides logits by: 0 (greedy) = raw logits
+        return float(self.sp.temperature) or 1.0
+
+
+def sglang_error(err: Exception) -> Response:
+    status, headers = error_status(err)
+    message = err.message if isinstance(err, OPDError) else _internal_message(err)
+    return json_response({"error": {"message": message}}, status, headers)
+
+
+def _internal_message(err: Exception) -> str:
+    import orjson   # the shared mapping logs it with a request id; reuse its message
+    return orjson.loads(error_response(err).body)["error"]["message"]
+
+
+# ---- checking -----------------------------------------------------------------------------------
+
+def _each(value: Any, n: int, batched: bool, field: str, default: Any, per_item: bool) -> list:
+    """A per-request option as one value per item: a list of n (in a batch) or one value for all."""
+    if value is None:
+        return [default] * n
+    if batched and per_item:
+        if len(value) != n:
+            raise InvalidRequest(field, f"has {len(value)} entries for a batch of {n} inputs; send one per input "
+                                        "or a single value")
+        return list(value)
+    if per_item:
+        raise InvalidRequest(field, "a list (one per input) needs a batch: input_ids as a list of lists")
+    return [value] * n
+
+
+def _items(req: GenerateReqInput) -> tuple[list[_Item], bool]:
+    """Checked inputs and whether the request was a batch (a batch is answered with a list)."""
+    extra = req.model_extra or {}
+    for name, what in _REFUSED.items():
+        if extra.get(name) is not None:
+            raise InvalidRequest(name, f"{what} are not served by this teacher; send input_ids only")
+    if req.text is not None:
+        raise InvalidRequest("text", "text input needs a tokenizer, which this teacher does not load: "
+                                     "send input_ids (token ids) instead")
+    if req.stream:
+        raise InvalidRequest("stream", "streaming is not served; send stream=false")
+    if not req.input_ids:
+        raise InvalidRequest("input_ids", "required: a non-empty list of token ids, or a list of such lists")
+    batched = isinstance(req.input_ids[0], list)
+    inputs = req.input_ids if batched else [req.input_ids]
+    n = len(inputs)
+    sps = _each(req.sampling_params, n, batched, "sampling_params", SamplingParams(),
+                isinstance(req.sampling_params, list))
+    rids = _each(req.rid, n, batched, "rid", None, isinstance(req.rid, list))
+    lps = _each(req.return_logprob, n, batched, "return_logprob", False, isinstance(req.return_logprob, list))
+    starts = _each(req.logprob_start_len, n, batched, "logprob_start_len", -1, isinstance(req.logprob_start_len, list))
+    ks = _each(req.top_logprobs_num, n, batched, "top_logprobs_num", 0, isinstance(req.top_logprobs_num, list))
+    ti = req.token_ids_logprob
+    cands = _each(ti, n, batched, "token_ids_logprob", None, bool(ti) and isinstance(ti[0], list))
+    return [_item(i, ids, rids[i], sps[i], lps[i], starts[i], ks[i], cands[i], batched)
+            for i, ids in enumerate(inputs)], batched
+
+
+def _item(i: int, ids: list[int], rid, sp: SamplingParams, logprob: bool, start: int, k: int, cands, batched) -> _Item:
+    at = f"[{i}]" if batched else ""
+    if not ids:
+        raise InvalidRequest(f"input_ids{at}", "needs at least one token id")
+    spf = f"sampling_params{at}."
+    if sp.max_new_tokens < 0:
+        raise InvalidRequest(spf + "max_new_tokens", f"must be an integer >= 0, got {sp.max_new_tokens}")
+    if sp.n != 1:
+        raise InvalidRequest(spf + "n", f"one output per input (n=1) is served, got {sp.n}; repeat the input")
+    if sp.temperature < 0:
+        raise InvalidRequest(spf + "temperature", f"must be >= 0 (0 = greedy), got {sp.temperature}")
+    if sp.top_p != 1 or sp.top_k not in (-1, 0) or sp.min_p != 0:
+        raise InvalidRequest(spf + ("top_p" if sp.top_p != 1 else "top_k" if sp.top_k not in (-1, 0) else "min_p"),
+                             "truncated sampling is not served: the teacher samples and scores the full "
+                             "distribution (top_p 1, top_k -1, min_p 0)")
+    start = len(ids) - 1 if start == -1 else start
+    if not 0 <= start < len(ids):
+        raise InvalidRequest(f"logprob_start_len{at}", f"must be -1 or in [0, {len(ids) - 1}] for {len(ids)} input "
+                                                       f"tokens, got {start}")
+    if k < 0:
+        raise InvalidRequest(f"top_logprobs_num{at}", f"must be an integer >= 0, got {k}")
+    return _Item(i, list(ids), rid or uuid.uuid4().hex, sp, bool(logprob), start, k, cands)
+
+
+def _renamer(items: list[_Item], batched: bool):
+    """Native field names -> SGLang's, with the item's index in the request (a call may hold a subset)."""
+    def rename(e: InvalidRequest) -> InvalidRequest:
+        m = re.match(r"^(?:sequences|prompts)\[(\d+)\]\.(token_ids|candidate_ids)(\[\d+\])?(\[\d+\])?(.*)$", e.field)
+        if m:
+            at = f"[{items[int(m.group(1))].index}]" if batched else ""
+            if m.group(2) == "candidate_ids":
+                return InvalidRequest(f"token_ids_logprob{at}{m.group(4) or ''}", e.reason)
+            return InvalidRequest(f"input_ids{at}{m.group(3) or ''}{m.group(5)}", e.reason)
+        at = f"[{items[0].index}]" if batched and len(items) == 1 else ""
+        field = {"top_k": "top_logprobs_num", "sequences": "input_ids", "prompts": "input_ids",
+                 "temperature": "sampling_params.temperature", "max_tokens": "sampling_params.max_new_tokens",
+                 "seed": "sampling_params.sampling_seed"}.get(e.field, e.field)
+        field = re.sub(r"^stop_ids", "sampling_params.stop_token_ids", field)
+        return InvalidRequest(field.replace("sampling_params", f"sampling_params{at}", 1), e.reason)
+    return rename
+
+
+# ---- the work -----------------------------------------------------------------------------------
+
+def _groups(items: list[_Item], key) -> list[list[_Item]]:
+    out: dict = {}
+    for it in items:
+        out.setdefault(key(it), []).append(it)
+    return list(out.values())
+
+
+async def _sample(service: ScoringService, items: list[_Item], tenant, batched: bool) -> dict[int, Any]:
+    """item index -> its Sampled, for items with max_new_tokens > 0 (one generate call per parameter set)."""
+    todo = [it for it in items if it.sp.max_new_tokens]
+    key = lambda it: (it.sp.max_new_tokens, float(it.sp.temperature), tuple(it.sp.stop_token_ids or ()),  # noqa: E731
+                      it.sp.sampling_seed)
+
+    async def one(group: list[_Item]):
+        sp = group[0].sp
+        greq = GenerateRequest(prompts=[PromptIn(token_ids=it.ids) for it in group], max_tokens=sp.max_new_tokens,
+                               temperature=float(sp.temperature), stop_ids=sp.stop_token_ids or (),
+                               seed=sp.sampling_seed)
+        try:
+            return zip(group, (await service.generate(greq, tenant)).samples)
+        except InvalidRequest as e:
+            raise _renamer(group, batched)(e) from None
+    done = await asyncio.gather(*(one(g) for g in _groups(todo, key)))
+    return {it.index: x for pairs in done for it, x in pairs}
+
+
+def _sequence(it: _Item, sample) -> SequenceIn | None:
+    """What to score for an item: input_ids (+ its completion) from logprob_start_len + 1; None if nothing."""
+    out = [] if sample is None else sample.token_ids_T.tolist()
+    ids = it.ids + out
+    s = min(it.start + 1, len(it.ids))
+    if not it.logprob or s >= len(ids):
+        return None
+    cands = None if not it.cands else [it.cands] * (len(ids) - s)
+    return SequenceIn(token_ids=ids, score_from=s, candidate_ids=cands)
+
+
+async def _score(service: ScoringService, items: list[_Item], samples: dict, tenant, batched: bool) -> dict:
+    """item index -> its ItemScores (positions [start + 1, L) of input_ids + completion)."""
+    seqs = {it.index: _sequence(it, samples.get(it.index)) for it in items}
+    todo = [it for it in items if seqs[it.index] is not None]
+
+    async def one(group: list[_Item]):
+        sreq = ScoreRequest(sequences=[seqs[it.index] for it in group], top_k=group[0].k,
+                            temperature=group[0].temperature)
+        try:
+            return zip(group, (await service.score(sreq, tenant)).scores)
+        except InvalidRequest as e:
+            raise _renamer(group, batched)(e) from None
+    done = await asyncio.gather(*(one(g) for g in _groups(todo, lambda it: (it.temperature, it.k))))
+    return {it.index: sc for pairs in done for it, sc in pairs}
+
+
+# ---- the one renderer ---------------------------------------------------------------------------
+
+def _entries(lps: list[float], ids: list[int]) -> list:
+    return [[lp, t, None] for lp, t in zip(lps, ids)]
+
+
+def _tops(ids_T_K, lps_T_K) -> list:
+    return [_entries(lps, ids) for ids, lps in zip(ids_T_K.tolist(), lps_T_K.tolist())]
+
+
+def _logprob_fields(it: _Item, sample, sc) -> dict:
+    """meta_info's logprob fields: input ones cover input_ids[start:] (entry 0 null), output ones the completion."""
+    n_in = len(it.ids) - it.start - 1                 # scored input positions
+    lps = [] if sc is None else sc.logprobs_T.tolist()
+    out_ids = [] if sample is None else sample.token_ids_T.tolist()
+    first = [[None, it.ids[it.start], None]]
+    f = {"input_token_logprobs": first + _entries(lps[:n_in], it.ids[it.start + 1:]),
+         "output_token_logprobs": _entries(lps[n_in:], out_ids)}
+    if it.k:
+        tops = [] if sc is None else _tops(sc.top_ids_T_K, sc.top_logprobs_T_K)
+        f["input_top_logprobs"], f["output_top_logprobs"] = [None] + tops[:n_in], tops[n_in:]
+    if it.cands:
+        rows = [] if sc is None else [_entries(r, it.cands) for r in sc.candidate_logprobs_T_C.tolist()]
+        f["input_token_ids_logprobs"], f["output_token_ids_logprobs"] = [None] + rows[:n_in], rows[n_in:]
+    return f
+
+
+def _finish_reason(sample) -> dict:
+    if sample is None:
+        return {"type": "length", "length": 0}
+    if sample.finish_reason == "stop":
+        return {"type": "stop", "matched": int(sample.token_ids_T[-1])}
+    return {"type": "length", "length": int(sample.token_ids_T.shape[0])}
+
+
+def _render(it: _Item, sample, sc, t0: float) -> dict:
+    out_ids = [] if sample is None else sample.token_ids_T.tolist()
+    meta = {"id": it.rid, "finish_reason": _finish_reason(sample), "prompt_tokens": len(it.ids)}
+    if it.logprob:
+        meta.update(_logprob_fields(it, sample, sc))
+    meta.update({"completion_tokens": len(out_ids), "cached_tokens": 0, "e2e_latency": time.perf_counter() - t0})
+    return {"text": "", "output_ids": out_ids, "meta_info": meta}
+
+
+async def _generate(service: ScoringService, req: GenerateReqInput, tenant) -> Any:
+    t0 = time.perf_counter()
+    service.model_info()                          # 503 while loading, before any work
+    items, batched = _items(req)
+    samples = await _sample(service, items, tenant, batched)
+    scores = await _score(service, items, samples, tenant, batched)
+    out = [_render(it, samples.get(it.index), scores.get(it.index), t0) for it in items]
+    return out if batched else out[0]
+
+
+def mount(app: FastAPI, service: ScoringService) -> None:
+    """Add SGLang's /generate to the native app (same port, same ScoringService). /health is the vLLM dialect's."""
+    tenant = tenant_dependency(service)
+
+    @app.post("/generate", tags=["SGLang dialect"])
+    async def generate(request: Request):
+        """SGLang's native /generate: input logprobs (max_new_tokens 0) and sampling; see docs/dialects.md."""
+        try:
+            who = await tenant(request)
+            req = parse_body(await request.body(), GenerateReqInput)
+            return json_response(await _generate(service, req, who))
+        except Exception as e:  # this surface's one mapping, in SGLang's error shape
+            return sglang_error(e)
