@@ -29,10 +29,10 @@ def group(rng, prompt_len, g, completion=(3, 30), lead=0, **opts) -> list[ScoreI
     """g completions of one prompt; the first `lead` completion tokens are common to all."""
     prompt = rng.integers(0, VOCAB, prompt_len)
     common = rng.integers(0, VOCAB, lead)
-    items = []
+    items, with_cands = [], opts.pop("cands", False)
     for _ in range(g):
         ids = np.concatenate([prompt, common, rng.integers(0, VOCAB, int(rng.integers(*completion)))])
-        cands = rng.integers(0, VOCAB, (ids.shape[0] - prompt_len, 3)) if opts.pop("cands", False) else None
+        cands = rng.integers(0, VOCAB, (ids.shape[0] - prompt_len, 3)) if with_cands else None
         items.append(ScoreItem(ids.astype(np.int64), prompt_len, candidate_ids_T_C=cands, **opts))
     return items
 
@@ -190,3 +190,31 @@ def test_memory_stays_bounded_under_distinct_prompts(cache_dir):
     grown, late = rss_bytes() - base, rss_bytes() - half
     assert grown <= (64 << 20) + (64 << 20), f"RSS grew {grown / 2**20:.0f} MB"
     assert late <= 16 << 20, f"RSS grew {late / 2**20:.0f} MB over the last 500 prompts, cache full"
+
+
+def test_both_surfaces_return_unshared_numbers(teacher, unshared):
+    """The session teacher (defaults: sharing and the prefix cache on). Over HTTP one sequence
+    per request (later members hit the cache), over gRPC the group in one request: both equal
+    unshared scoring; /metrics shows the reuse."""
+    import httpx
+    from opd_client import Sequence, TeacherClient
+    rng = np.random.default_rng(5)
+    items = group(rng, 44, 4, cands=True) + group(rng, 30, 3, lead=3, cands=True)
+    seqs = [Sequence(id=f"m{i}", token_ids=it.token_ids.tolist(), score_from=it.score_from,
+                     candidate_ids_T_C=it.candidate_ids_T_C.tolist()) for i, it in enumerate(items)]
+    opts = dict(top_k=5, temperature=0.8, entropy=True)
+    ref = unshared.score([ScoreItem(it.token_ids, it.score_from, 5, 0.8, True, it.candidate_ids_T_C) for it in items])
+    with TeacherClient(teacher.http_url) as h, TeacherClient(teacher.grpc_url) as g:
+        by_one = [h.score([s], **opts).results[0] for s in seqs]
+        together = g.score(seqs, **opts).results
+    for x, y, z in zip(by_one, together, ref):
+        for got in (x, y):
+            np.testing.assert_allclose(got.logprobs_T, z.logprobs_T, atol=TOL, rtol=0)
+            np.testing.assert_array_equal(got.top_ids_T_K, z.top_ids_T_K)
+            np.testing.assert_allclose(got.top_logprobs_T_K, z.top_logprobs_T_K, atol=TOL, rtol=0)
+            np.testing.assert_allclose(got.candidate_logprobs_T_C, z.candidate_logprobs_T_C, atol=TOL, rtol=0)
+            np.testing.assert_allclose(got.entropy_T, z.entropy_T, atol=TOL, rtol=0)
+    text = httpx.get(f"{teacher.http_url}/metrics").text
+    assert 'opd_prefix_tokens_total{engine="torch",source="cache"}' in text
+    assert 'opd_prefix_cache_lookups_total{engine="torch",result="hit"}' in text
+    assert 'opd_prefix_cache_bytes{engine="torch"}' in text

@@ -20,6 +20,9 @@ from opd_client.types import ModelInfo
 from opd_services.modeling.sampling import Sampled, SampleParams  # noqa: F401  (part of the engine protocol)
 
 
+MIN_SHARED_PREFIX = 16   # shorter common prefixes are not worth sharing (a second forward)
+
+
 @dataclass(frozen=True, slots=True)
 class ScoreItem:
     """One validated sequence with its scoring options."""

@@ -34,8 +34,7 @@ import numpy as np
 import torch
 
 from opd_services import metrics
-
-MIN_PREFIX = 16    # shorter common prefixes are not worth a second forward
+from opd_services.teacher.engines.base import MIN_SHARED_PREFIX as MIN_PREFIX
 
 
 @dataclass(slots=True)
