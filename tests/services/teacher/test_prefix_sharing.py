@@ -218,3 +218,14 @@ def test_both_surfaces_return_unshared_numbers(teacher, unshared):
     assert 'opd_prefix_tokens_total{engine="torch",source="cache"}' in text
     assert 'opd_prefix_cache_lookups_total{engine="torch",result="hit"}' in text
     assert 'opd_prefix_cache_bytes{engine="torch"}' in text
+
+
+def test_auto_dtype_means_the_same_everywhere(tmp_path):
+    import json
+    from opd_services.teacher.engines.base import auto_dtype
+    for declared, cpu, cuda in [("float32", "float32", "bfloat16"), ("bfloat16", "bfloat16", "bfloat16"),
+                                ("float16", "float16", "float16"), (None, "float32", "bfloat16")]:
+        (tmp_path / "config.json").write_text(json.dumps({} if declared is None else {"dtype": declared}))
+        assert (auto_dtype(tmp_path, cuda=False), auto_dtype(tmp_path, cuda=True)) == (cpu, cuda), declared
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))     # older transformers
+    assert auto_dtype(tmp_path, cuda=False) == "bfloat16"

@@ -32,7 +32,7 @@ import numpy as np
 
 from opd_client.types import ModelInfo
 from opd_services.errors import ConfigError, InvalidRequest
-from opd_services.teacher.engines.base import ItemScores, ScoreItem, revision_hash
+from opd_services.teacher.engines.base import ItemScores, ScoreItem, auto_dtype, revision_hash
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,8 @@ class VllmEngine:
         self.vocab_size = int(config["vocab_size"])
         self.full_vocab_limit = full_vocab_limit
         self.full_vocab = self.vocab_size <= full_vocab_limit
+        if dtype == "auto":    # the same meaning as on the torch engine (vLLM's own auto downcasts float32 on CPU)
+            dtype = auto_dtype(model_dir, cuda=torch.cuda.is_available())
         args = {"model": str(model_dir), "dtype": dtype, "skip_tokenizer_init": True,
                 "enforce_eager": not torch.cuda.is_available(),
                 # the actual token comes on top of k; the span path asks 1 + C ids per row; the
