@@ -37,6 +37,15 @@ from opd_services import metrics
 from opd_services.teacher.engines.base import MIN_SHARED_PREFIX as MIN_PREFIX
 
 
+SOURCES = ("computed", "batch", "cache")
+
+
+def export_metrics(engine: str) -> None:
+    """Create the per-engine series at start-up, so /metrics shows them before the first share."""
+    for source in SOURCES:
+        metrics.PREFIX_TOKENS.labels(engine, source)
+
+
 @dataclass(slots=True)
 class Prefix:
     """Activations of a token block: per-layer KV and the last hidden states."""
@@ -239,7 +248,7 @@ class _Resolved:
     def __init__(self, n: int):
         self.base: list[Prefix | None] = [None] * n
         self.todo: list[tuple[Group, Prefix | None]] = []     # (group, cached prompt to start from)
-        self.tokens = {"computed": 0, "batch": 0, "cache": 0}
+        self.tokens = dict.fromkeys(SOURCES, 0)
 
 
 def _resolve(groups: list[Group], ids: list[np.ndarray], cache: PrefixCache | None) -> _Resolved:

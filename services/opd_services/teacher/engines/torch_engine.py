@@ -24,7 +24,7 @@ import torch
 from opd_client.types import ModelInfo
 from opd_services.teacher.engines.base import (GenerateItem, ItemScores, Sampled, ScoreItem, auto_dtype,
                                                revision_hash)
-from opd_services.teacher.engines.prefix import PrefixCache, shared_hidden
+from opd_services.teacher.engines.prefix import PrefixCache, export_metrics, shared_hidden
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,8 @@ class TorchEngine:
         self.softcap = getattr(config, "final_logit_softcapping", None)
         self.chunk_rows = max(16, CHUNK_BYTES // (4 * self.vocab_size))
         self.share_prefixes = share_prefixes
+        if share_prefixes:
+            export_metrics("torch")
         self.prefix_cache = PrefixCache(int(prefix_cache_mb * (1 << 20))) if share_prefixes and prefix_cache_mb > 0 else None
         self.info = ModelInfo(
             name=name or Path(model_dir).resolve().name, engine="torch", engine_version=torch.__version__,
