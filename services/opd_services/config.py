@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="torch device for the torch engine: auto, cpu, cuda, cuda:N.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype, the same meaning on every engine; auto = the checkpoint's dtype on CPU (float32 if it declares none), bfloat16 on CUDA unless the checkpoint is float16/bfloat16.")
     vllm_args: dict = Field(default_factory=dict, description="vLLM engine only: extra AsyncEngineArgs as JSON, e.g. '{\"gpu_memory_utilization\": 0.5, \"tensor_parallel_size\": 2}'.")
+    vllm_prefix_cache: bool = Field(False, description="vLLM engine only: let scoring requests read vLLM's prefix cache (docs/vllm.md#prefix-caching: exact, but it saves work only where a prompt's length is not a multiple of vLLM's block size, so it is off by default).")
     vllm_full_vocab_limit: int = Field(8192, ge=0, description="vLLM engine only: largest vocabulary for which temperature != 1, candidate_ids and entropy are served (they need the whole distribution per position from vLLM); above it those requests get 422 (use the torch engine).")
     cache_dir: Path = Field(Path(os.path.expanduser("~/.cache/opd")), description="Where built checkpoints (the embedded default teacher) are cached.")
 

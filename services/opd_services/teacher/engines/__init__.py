@@ -59,5 +59,5 @@ def _vllm(settings: Settings, path: Path) -> Callable[[], Engine]:
         from opd_services.teacher.engines.vllm_engine import VllmEngine
         return VllmEngine(path, dtype=settings.dtype, max_top_k=settings.max_top_k,
                           full_vocab_limit=settings.vllm_full_vocab_limit, max_candidates=settings.max_candidates,
-                          engine_args=settings.vllm_args)
+                          engine_args=settings.vllm_args, prefix_cache=settings.vllm_prefix_cache)
     return build
