@@ -71,6 +71,9 @@ def test_plan_groups_shared_prompts_and_leaves_the_rest():
     with_cache = {tuple(sorted(g.members)): g for g in plan(ids, sf, cache_on=True)}
     assert with_cache[(5,)].length == 30                      # a lone prompt is cached
     assert MIN_PREFIX > 8 and (6,) not in with_cache and (6, 7) not in with_cache
+    # a prompt that is a small share of long sequences is not worth the second pass
+    long = group(rng, 20, 3, completion=(200, 201))
+    assert plan([it.token_ids for it in long], [20] * 3, cache_on=True) == []
 
 
 def test_in_batch_sharing_equals_unshared_on_every_field(shared, unshared):

@@ -9,7 +9,8 @@ prompt scored a moment ago is not recomputed.
 How `shared_hidden` runs a batch:
   1) plan: sort the sequences, chain neighbours with a long common prefix into groups; a
      group's prefix is their common prefix (each member keeps >= 1 token of its own); with the
-     cache on, a lone sequence's prefix is its prompt (tokens before score_from);
+     cache on, a lone sequence's prefix is its prompt (tokens before score_from); prefixes under
+     16 tokens or under 15% of the sequence are not worth the second pass;
   2) resolve each group's prefix (a lone sequence is a group of one): a cache hit, or
      computed once (on a cached prompt if any) and cached;
   3) run every sequence's remainder on its prefix's KV in one padded forward (past padding
@@ -35,6 +36,10 @@ import torch
 
 from opd_services import metrics
 from opd_services.teacher.engines.base import MIN_SHARED_PREFIX as MIN_PREFIX
+
+# A prefix shorter than this share of its longest member saves less than the masked, two-pass
+# forward costs (P4c, prompt 128 of 1,152 tokens: 0.94x in bench/prefix_cpu.py); it runs unshared.
+MIN_SHARE = 0.15
 
 
 SOURCES = ("computed", "batch", "cache")
@@ -152,7 +157,7 @@ def plan(token_ids: list[np.ndarray], score_from: list[int], cache_on: bool) -> 
             if not cache_on:
                 continue
             p = score_from[members[0]]
-        if p >= MIN_PREFIX:
+        if p >= MIN_PREFIX and p >= MIN_SHARE * max(token_ids[i].shape[0] for i in members):
             out.append(Group(members, p, min(p, *(score_from[i] for i in members))))
     return out
 
