@@ -31,6 +31,32 @@ def items(n: int, k: int, seed: int = 0) -> list[ScoreItem]:
     return [ScoreItem(rng.integers(0, QWEN_05B.vocab_size, LENGTH), LENGTH - SPAN, top_k=k) for _ in range(n)]
 
 
+def grouped(n: int, k: int, prompt: int = 760, g: int = 8, seed: int = 1) -> list[ScoreItem]:
+    """n // g groups of g completions of one prompt (760 tokens: not a multiple of vLLM's block
+    size, so a cached prompt stops before the first scored row), 1,024 tokens each."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(max(1, n // g)):
+        p = rng.integers(0, QWEN_05B.vocab_size, prompt)
+        out += [ScoreItem(np.concatenate([p, rng.integers(0, QWEN_05B.vocab_size, LENGTH - prompt)]), prompt, top_k=k)
+                for _ in range(g)]
+    return out
+
+
+def prefix_check(eng, fig: dict, n: int, reps: int) -> None:
+    """Issue 12: grouped work on the vLLM engine without and with OPD_VLLM_PREFIX_CACHE (the flag's
+    GPU path: the V2 span runner with prompt_logprob_start); the numbers must agree."""
+    work = grouped(n, 0)
+    eng.prefix_cache = False
+    fig["vllm/groups/k0"], plain = rate(eng, work, len(work), reps)
+    eng.prefix_cache = True
+    fig["vllm/groups/k0-prefix-cache"], cached = rate(eng, work, len(work), reps)
+    eng.prefix_cache = False
+    d = max(float(np.abs(a.logprobs_T - b.logprobs_T).max()) for a, b in zip(plain, cached))
+    print(f"groups of 8 (prompt 760): vLLM {fig['vllm/groups/k0']:,.0f} tok/s | with prefix cache "
+          f"{fig['vllm/groups/k0-prefix-cache']:,.0f} | |dlogprob| max {d:.2e} (must be ~0)")
+
+
 def rate(engine, work, batch: int, reps: int) -> tuple[float, list]:
     engine.score(work[:batch])                                   # warm up
     if torch.cuda.is_available():
@@ -38,7 +64,7 @@ def rate(engine, work, batch: int, reps: int) -> tuple[float, list]:
     t0, out = time.perf_counter(), []
     for _ in range(reps):
         out = [r for i in range(0, len(work), batch) for r in engine.score(work[i:i + batch])]
-    return reps * len(work) * SPAN / (time.perf_counter() - t0), out
+    return reps * sum(it.n_scored for it in work) / (time.perf_counter() - t0), out
 
 
 def main() -> None:
@@ -55,12 +81,14 @@ def main() -> None:
     eng = TorchEngine(model, device="cuda", dtype="bfloat16", max_top_k=20)
     for k in KS:
         fig[f"torch/k{k}"], res[f"torch/k{k}"] = rate(eng, items(args.n, k), 16, args.reps)
+    fig["torch/groups/k0"], _ = rate(eng, grouped(args.n, 0), 16, args.reps)       # prefix-shared (issue 12)
     eng.close()
     del eng
     gc.collect()
     torch.cuda.empty_cache()
     from opd_services.teacher.engines.vllm_engine import VllmEngine
-    eng = VllmEngine(model, dtype="bfloat16", max_top_k=20, engine_args={"gpu_memory_utilization": 0.8})
+    eng = VllmEngine(model, dtype="bfloat16", max_top_k=20, engine_args={"gpu_memory_utilization": 0.8,
+                                                                         "enable_prefix_caching": True})
     print(f"vllm engine: span-only scoring {'on' if eng.span else 'off'} (V2 model runner)")
     try:
         for k in KS:
@@ -69,6 +97,7 @@ def main() -> None:
             eng.span = False
             fig["vllm/k0-prompt-logprobs"], _ = rate(eng, items(args.n, 0), args.n, args.reps)
             eng.span = True
+        prefix_check(eng, fig, args.n, args.reps)
     finally:
         eng.close()
     for k in KS:

@@ -4,7 +4,9 @@
 # Builds a random-initialised ~0.6B Qwen2.5-0.5B-shaped Llama checkpoint on the box (bfloat16,
 # by our code), then scores the same work on the torch and vLLM engines: 64 sequences of 1,024
 # tokens, the last 256 scored (span), top-k 0 and 20; prints tokens scored/s, the ratio and the
-# agreement (max |logprob difference|). Not run in the session that wrote it (no GPU lent).
+# agreement (max |logprob difference|); then groups of 8 completions of one prompt (issue 12): the
+# torch engine (prefix-shared) and the vLLM engine without / with OPD_VLLM_PREFIX_CACHE (the flag's
+# GPU path), which must agree. Not run in the sessions that wrote it (no GPU lent).
 # Also builds the GPU image first when docker or podman is present (see below).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -12,6 +12,7 @@ k = 0 and k = 5. Systems, each alone on the machine in turn:
     our VllmEngine.score in-process; in-process torch engine (TorchEngine.score, 16k-token batches).
 Prints P1 (ours, best, / vllm serve), P2 (ours on vLLM / in-process vLLM), P3 (bytes per scored
 token on the wire), D1 (dialect route / native HTTP route) and a json line.
+`--p4` runs P4 instead (prefix-shared groups of completions, issue 12): bench/peer_p4.py.
 """
 from __future__ import annotations
 
@@ -45,10 +46,10 @@ KS = (0, 5)
 
 
 
-def load_vllm_peer():
-    """bench/vllm_peer.py by path (bench/ is kept off sys.path: bench/queue.py shadows the stdlib)."""
+def load_vllm_peer(file: str = "vllm_peer.py"):
+    """A bench/ module by path (bench/ is kept off sys.path: bench/queue.py shadows the stdlib)."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_vllm_peer", Path(__file__).with_name("vllm_peer.py"))
+    spec = importlib.util.spec_from_file_location(f"bench_{file[:-3]}", Path(__file__).with_name(file))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -245,8 +246,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=1, help="requests per stream per measurement")
     ap.add_argument("--skip-peer", action="store_true", help="do not start vllm serve (P1, P3 need it)")
+    ap.add_argument("--p4", action="store_true", help="run P4 (prefix-shared groups, bench/peer_p4.py) instead")
+    ap.add_argument("--models", default="body,bench", help="P4: body (body-heavy model), bench (BENCH_MODEL)")
+    ap.add_argument("--groups", type=float, default=1.0, help="P4: scale of the groups sent per measurement")
     args = ap.parse_args()
     LOGS.mkdir(parents=True, exist_ok=True)
+    if args.p4:
+        p4 = load_vllm_peer("peer_p4.py")
+        fig = p4.main(sys.modules[__name__], args.models.split(","), args.groups, CACHE)
+        print("json:", json.dumps(fig))
+        return
     model = str(cached_random_llama(CACHE, BENCH_MODEL, prefix="bench"))
     name = Path(model).name
     reqs = work(0)

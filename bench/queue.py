@@ -8,9 +8,11 @@
   Q4  teacher fleet (issue 15): Q1's end-to-end flow against 2 replicas of the torch teacher,
       each pinned to its own core (taskset), vs 1 replica pinned to one core; target >= 1.7x,
       and each replica's share of the scored tokens within 40-60%.
+  Q5  grouped rollouts (issue 12): groups of 4 completions of one 128-token prompt, end to end,
+      teacher with prefix sharing (the default) vs OPD_PREFIX_SHARING=false; reports the gain.
 
 Every role is its own process: Valkey (embedded), `opd serve`, `opd scorer` x N, one
-producer, one consumer. Usage: python bench/queue.py [--only q1,q2,q3,q4] [--q2-n 30000]
+producer, one consumer. Usage: python bench/queue.py [--only q1,q2,q3,q4,q5] [--q2-n 30000]
 This script measures; it asserts nothing.
 """
 from __future__ import annotations
@@ -37,19 +39,24 @@ from opd_services.redis_embed import EmbeddedRedis, free_port  # noqa: E402
 LENGTH, SCORE_FROM = 256, 32
 
 
-def rollouts(n: int, vocab: int, prefix: str = "r", seed: int = 0) -> list[Rollout]:
+def rollouts(n: int, vocab: int, prefix: str = "r", seed: int = 0, group: tuple[int, int] = (1, SCORE_FROM)
+             ) -> list[Rollout]:
+    """n rollouts of LENGTH tokens; group = (G, prompt): every G consecutive ones share a prompt."""
+    g, score_from = group
     rng = np.random.default_rng(seed)
     toks = rng.integers(2, vocab, (n, LENGTH))
-    blp = -rng.random((n, LENGTH - SCORE_FROM)).astype(np.float32)
-    return [Rollout(id=f"{prefix}{i}", token_ids=toks[i], score_from=SCORE_FROM, behaviour_logprobs=blp[i],
+    for i in range(n):
+        toks[i, :score_from] = toks[i - i % g, :score_from]
+    blp = -rng.random((n, LENGTH - score_from)).astype(np.float32)
+    return [Rollout(id=f"{prefix}{i}", token_ids=toks[i], score_from=score_from, behaviour_logprobs=blp[i],
                     policy_version=1, sampled_at=time.time()) for i in range(n)]
 
 
 # ---- roles (each in its own process) --------------------------------------------------------
 
-def _produce(url, exp, n, vocab, chunk, ready, go, out):
+def _produce(url, exp, n, vocab, chunk, ready, go, out, group=(1, SCORE_FROM)):
     from opd_client.queue import RolloutProducer
-    data = rollouts(n, vocab)
+    data = rollouts(n, vocab, group=group)
     with RolloutProducer(url, exp) as q:
         ready.set()
         go.wait()
@@ -97,11 +104,11 @@ def _scorers(redis_url: str, teacher_url: str, procs: int, loops: int, batch: in
 
 
 def end_to_end(redis_url: str, teacher_url: str, n: int, vocab: int, *, procs: int, loops: int,
-               batch: int, exp: str) -> float:
+               batch: int, exp: str, group: tuple[int, int] = (1, SCORE_FROM)) -> float:
     """Rollouts/s from the first push to the last scored rollout consumed."""
     ctx = mp.get_context("spawn")
     out, p_ready, c_ready, go = ctx.Queue(), ctx.Event(), ctx.Event(), ctx.Event()
-    roles = [ctx.Process(target=_produce, args=(redis_url, exp, n, vocab, 200, p_ready, go, out)),
+    roles = [ctx.Process(target=_produce, args=(redis_url, exp, n, vocab, 200, p_ready, go, out, group)),
              ctx.Process(target=_consume, args=(redis_url, exp, n, c_ready, out))]
     scorers = _scorers(redis_url, teacher_url, procs, loops, batch)
     try:
@@ -175,6 +182,27 @@ def q2(redis_url: str, args) -> None:
     print(f"Q2 queue alone (uniform engine, {LENGTH}-token rollouts, n={args.q2_n}, batch {args.q2_batch}, "
           f"{args.q2_procs} scorer process(es) x {args.q2_loops} loop(s)): {rate:,.0f} rollouts/s end to end "
           f"(target >= 8,000/s: ratio {rate / 8000:.2f})")
+
+
+def q5(redis_url: str, args) -> None:
+    from opd_services.config import Settings
+    from opd_services.modeling.checkpoints import BENCH_MODEL, cached_random_llama
+    path = cached_random_llama(Settings().cache_dir, BENCH_MODEL, prefix="bench-model")
+    rates = {}
+    for name, env in (("shared", {}), ("unshared", {"OPD_PREFIX_SHARING": "false", "OPD_PREFIX_CACHE_MB": "0"})):
+        port = free_port()
+        teacher = _teacher({"OPD_MODEL": str(path), "OPD_ENGINE": "torch", "OPD_DEVICE": "cpu",
+                            "OPD_LOG_LEVEL": "warning", **env}, port)
+        try:
+            rates[name] = end_to_end(redis_url, f"grpc://127.0.0.1:{port}", args.q1_n, BENCH_MODEL.vocab_size,
+                                     procs=1, loops=args.q1_loops, batch=args.q1_batch, exp=f"bench-q5-{name}",
+                                     group=(4, 128))
+        finally:
+            teacher.terminate()
+            teacher.wait(30)
+    print(f"Q5 grouped rollouts (BENCH_MODEL, torch CPU, groups of 4 x {LENGTH} tokens sharing a 128-token prompt, "
+          f"n={args.q1_n}, batch {args.q1_batch}, {args.q1_loops} scorer loops): prefix sharing {rates['shared']:,.2f} "
+          f"rollouts/s vs unshared {rates['unshared']:,.2f} -> gain {rates['shared'] / rates['unshared']:.2f}x (report)")
 
 
 def q3(redis_url: str, n: int = 1000) -> None:
@@ -256,7 +284,7 @@ def _json(s: ScoredRollout) -> bytes:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--only", default="q1,q2,q3,q4")
+    p.add_argument("--only", default="q1,q2,q3,q4,q5")
     p.add_argument("--q1-n", type=int, default=256)
     p.add_argument("--q1-rounds", type=int, default=2)
     p.add_argument("--q1-batch", type=int, default=32)
@@ -276,7 +304,8 @@ def main() -> None:
         print(f"# bench/queue.py  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  cpus={os.cpu_count()}  "
               f"valkey at {redis.url}", flush=True)
         for name, fn in (("q3", lambda: q3(redis.url)), ("q2", lambda: q2(redis.url, args)),
-                         ("q1", lambda: q1(redis.url, args)), ("q4", lambda: q4(redis.url, args))):
+                         ("q1", lambda: q1(redis.url, args)), ("q4", lambda: q4(redis.url, args)),
+                         ("q5", lambda: q5(redis.url, args))):
             if name in only:
                 fn()
                 sys.stdout.flush()

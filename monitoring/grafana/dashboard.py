@@ -80,6 +80,17 @@ def batching_panels() -> list[dict]:
         panel("In-flight tokens and queued sequences",
               [q("sum(opd_inflight_tokens)", "in-flight tokens", "A"), q("sum(opd_batcher_queued_sequences)", "queued sequences", "B")],
               desc="Accepted and not yet answered; waiting for the engine."),
+        panel("Prefix sharing: tokens/s computed vs reused",
+              [q(f"sum by (engine, source) (rate(opd_prefix_tokens_total[{RI}]))", "{{engine}} {{source}}")],
+              desc="Shared-prefix tokens: computed once, reused within a batch (a group's prompt), or reused "
+                   "from the prefix KV cache across requests. Reused / computed is the work prefix sharing saves.",
+              stack=True),
+        panel("Prefix cache: hit rate and bytes",
+              [q(f'sum by (engine) (rate(opd_prefix_cache_lookups_total{{result="hit"}}[{RI}])) / '
+                 f"sum by (engine) (rate(opd_prefix_cache_lookups_total[{RI}]))", "{{engine}} hit rate", "A"),
+               q("sum by (engine) (opd_prefix_cache_bytes) / 2^20", "{{engine}} MB held", "B")],
+              desc="Lookups of a prompt's KV across requests that found it; memory held (bounded by "
+                   "OPD_PREFIX_CACHE_MB). A low hit rate with a full cache: raise the budget."),
         panel("Teachers ready", [q("sum(opd_ready)", "ready")], "short", "stat",
               desc="Instances whose engine is loaded and that accept requests."),
         panel("Engine and model", [{**q("opd_engine_info", ""), "format": "table", "instant": True}], "short", "table",

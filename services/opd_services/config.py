@@ -24,8 +24,9 @@ class Settings(BaseSettings):
     model: str | None = Field(None, description="Path of an HF-format model directory; unset = the embedded default teacher.")
     engine: Literal["torch", "vllm", "uniform"] = Field("torch", description="Scoring engine: torch (default), vllm, or uniform (zero-cost test engine).")
     device: str = Field("auto", description="torch device for the torch engine: auto, cpu, cuda, cuda:N.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype; auto = float32 on CPU, bfloat16 on CUDA.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype, the same meaning on every engine; auto = the checkpoint's dtype on CPU (float32 if it declares none), bfloat16 on CUDA unless the checkpoint is float16/bfloat16.")
     vllm_args: dict = Field(default_factory=dict, description="vLLM engine only: extra AsyncEngineArgs as JSON, e.g. '{\"gpu_memory_utilization\": 0.5, \"tensor_parallel_size\": 2}'.")
+    vllm_prefix_cache: bool = Field(False, description="vLLM engine only: let scoring requests read vLLM's prefix cache (docs/vllm.md#prefix-caching: exact, but it saves work only where a prompt's length is not a multiple of vLLM's block size, so it is off by default).")
     vllm_full_vocab_limit: int = Field(8192, ge=0, description="vLLM engine only: largest vocabulary for which temperature != 1, candidate_ids and entropy are served (they need the whole distribution per position from vLLM); above it those requests get 422 (use the torch engine).")
     teacher_name: str = Field("default", pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$", description="This teacher's name in a deployment of several (`opd serve`); every answer's model identity carries it, and a request naming another teacher gets 404 / NOT_FOUND.")
     cache_dir: Path = Field(Path(os.path.expanduser("~/.cache/opd")), description="Where built checkpoints (the embedded default teacher) are cached.")
@@ -61,6 +62,8 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(16_384, ge=16, description="Token budget of one engine batch (padded tokens).")
     batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="How long a non-full batch waits, from its first request, for more (a burst of small concurrent requests then becomes one batch; measured in bench/scoring.py R2).")
     batching: bool = Field(True, description="Merge concurrent requests into batches (off only to measure its effect).")
+    prefix_sharing: bool = Field(True, description="torch engine: sequences of a batch that share a prefix run it once (off only to measure its effect).")
+    prefix_cache_mb: float | None = Field(None, ge=0, description="torch engine: budget of the prefix KV cache across requests (LRU, activations only, keyed by the token block); unset = sized for the machine (1/16 of RAM up to 2048 MB on CPU, 1/10 of the GPU's memory on CUDA); 0 = off.")
 
     # --- lifecycle ---
     drain_timeout_s: float = Field(25.0, ge=0, description="On SIGTERM, how long in-flight requests may finish; keep below the k8s grace period.")

@@ -32,6 +32,13 @@ INFLIGHT_TOKENS = Gauge("opd_inflight_tokens", "Tokens accepted and not yet answ
 QUEUED_SEQUENCES = Gauge("opd_batcher_queued_sequences", "Sequences waiting for the engine")
 ENGINE_INFO = Info("opd_engine", "The teacher model and engine being served")
 READY = Gauge("opd_ready", "1 when the engine is loaded and the service accepts requests")
+# prefix sharing: a prefix token is computed once, then reused by the other sequences of its batch
+# ("batch") or by later batches through the prefix KV cache ("cache"); hit rate = hit / (hit + miss)
+PREFIX_TOKENS = Counter("opd_prefix_tokens_total", "Shared-prefix tokens by source: computed, batch (reused "
+                        "within a batch), cache (reused from the prefix KV cache)", ["engine", "source"])
+PREFIX_CACHE_LOOKUPS = Counter("opd_prefix_cache_lookups_total", "Prefix KV cache lookups by result (hit, miss)",
+                               ["engine", "result"])
+PREFIX_CACHE_BYTES = Gauge("opd_prefix_cache_bytes", "Bytes held by the prefix KV cache", ["engine"])
 
 # --- queue (scorer process) ---
 QUEUE_BACKLOG = Gauge("opd_queue_backlog", "Entries not yet delivered to the stream's group", ["experiment", "stream"])

@@ -10,8 +10,9 @@ Batch selection is weighted fair queuing on tokens (start-time fair queuing): ea
 gets a virtual finish tag, start + tokens / weight of its experiment, where start is the later
 of the virtual clock and the experiment's previous tag. The sequence with the smallest tag
 anchors the batch; the rest is filled, among sequences whose tags lie within a few batches'
-worth of virtual time of the anchor, with those closest to it in length while the padded token
-count (sequences x longest) stays within the budget. An experiment that was idle gets a credit
+worth of virtual time of the anchor, first those with the anchor's prompt (tokens before
+score_from: the engine then computes it once), then whole groups of one prompt, nearest in
+length first, while the padded token count (sequences x longest) stays within the budget. An experiment that was idle gets a credit
 of its first sequence's virtual length (`_idle_credit`). So every experiment's share of teacher tokens
 converges to its weight, a light experiment's next sequences go into the next batch instead of
 waiting behind a heavy one's backlog, and padding stays low. With one experiment this is FIFO
@@ -33,7 +34,7 @@ from typing import Any, Callable
 
 from opd_services import metrics
 from opd_services.errors import Unavailable
-from opd_services.teacher.engines.base import Engine, ItemScores, ScoreItem
+from opd_services.teacher.engines.base import MIN_SHARED_PREFIX, Engine, ItemScores, ScoreItem
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class _Pending:
     start: float                 # virtual start tag
     finish: float                # virtual finish tag: start + tokens / weight
     weight: float
+    prompt: int = 0              # hash of token_ids[:score_from] (0: too short to share): a group shares it
     enqueued_at: float = field(default_factory=time.monotonic)
     cancelled: bool = False      # the caller gave up: dropped when the next batch is formed
 
@@ -97,7 +99,8 @@ class Batcher:
                 start = max(floor, self._last_finish.get(experiment, floor))
                 finish = start + it.n_tokens / weight
                 self._last_finish[experiment] = finish
-                entries.append(_Pending(it, loop.create_future(), loop, experiment, start, finish, weight))
+                entries.append(_Pending(it, loop.create_future(), loop, experiment, start, finish, weight,
+                                        _prompt_key(it)))
             self._pending.extend(entries)
             metrics.QUEUED_SEQUENCES.set(len(self._pending))
             self._cond.notify()
@@ -248,10 +251,8 @@ class Batcher:
         if self.batching:
             weights = {p.experiment: p.weight for p in pending}
             horizon = anchor.finish + WINDOW_BATCHES * self.max_batch_tokens / sum(weights.values())
-            longest, n0 = anchor.item.n_tokens, anchor.item.n_tokens
-            near = sorted((i for i in range(len(pending)) if i != a and pending[i].finish <= horizon),
-                          key=lambda i: (abs(pending[i].item.n_tokens - n0), pending[i].finish))
-            for i in near:
+            longest = anchor.item.n_tokens
+            for i in self._fill_order(a, horizon):
                 n = pending[i].item.n_tokens
                 if (len(chosen) + 1) * max(longest, n) <= self.max_batch_tokens:
                     chosen.append(i)
@@ -263,6 +264,21 @@ class Batcher:
         self._vtime = max(self._vtime, max(p.start for p in batch))
         self._last_finish = {e: f for e, f in self._last_finish.items() if f > self._vtime}
         return batch
+
+    def _fill_order(self, a: int, horizon: float) -> list[int]:
+        """Candidates within the horizon: the anchor's prompt group first, then whole prompt
+        groups, each group ranked by its member nearest the anchor in length."""
+        pending, anchor = self._pending, self._pending[a]
+        n0 = anchor.item.n_tokens
+        near = [i for i in range(len(pending)) if i != a and pending[i].finish <= horizon]
+        group = {i: pending[i].prompt or -1 - i for i in near}     # a short prompt is a group of its own
+        dist: dict[int, int] = {}
+        for i in near:
+            d = abs(pending[i].item.n_tokens - n0)
+            dist[group[i]] = min(d, dist.get(group[i], d))
+        return sorted(near, key=lambda i: (group[i] != anchor.prompt, dist[group[i]], pending[i].finish
+                                           if group[i] < 0 else 0, group[i], abs(pending[i].item.n_tokens - n0),
+                                           pending[i].finish))
 
     def _account(self, batch: list[_Pending], elapsed: float) -> None:
         lens = [p.item.n_tokens for p in batch]
@@ -277,6 +293,13 @@ class Batcher:
             metrics.TEACHER_SECONDS.labels(p.experiment).inc(share)
             if self.on_engine_time:
                 self.on_engine_time(p.experiment, share)
+
+
+def _prompt_key(item: ScoreItem) -> int:
+    """Groups sequences by prompt for the engine's prefix sharing; 0 = too short to share."""
+    if item.score_from < MIN_SHARED_PREFIX:
+        return 0
+    return hash(item.token_ids[:item.score_from].tobytes()) or 1
 
 
 def _resolve(fut: asyncio.Future, value) -> None:

@@ -145,3 +145,27 @@ async def test_weighted_fair_share_on_tokens():
     assert abs(share_b / share_a - 3.0) < 0.3, (share_a, share_b)
     light_batch = next(i for i, batch in enumerate(eng.served) if 7 in batch)
     assert arrived_at < 30 and light_batch <= arrived_at + 2, (arrived_at, light_batch)
+
+
+async def test_sequences_of_one_prompt_go_into_one_batch():
+    """One sequence per request, groups interleaved: the batcher puts each prompt's group
+    together (the engine then computes the prompt once) rather than the nearest lengths."""
+    gate = threading.Event()
+    eng = Recording(gate)
+    seen: list[list[int]] = []
+    score = eng.score
+    eng.score = lambda items: (seen.append([int(it.token_ids[0]) for it in items]), score(items))[1]
+    b = Batcher(eng, max_batch_tokens=4 * 48, batch_wait_ms=0)   # a group (longest 47) fills a batch
+    b.start()
+    first = asyncio.ensure_future(b.submit([item(7)]))
+    await asyncio.sleep(0.05)
+    rest = []
+    for j in range(4):                            # 4 members each of prompts 10, 20, 30, 40; lengths mixed
+        for p in (10, 20, 30, 40):
+            ids = np.concatenate([np.full(20, p), np.arange(12 + 5 * ((j + p // 10) % 4))]) % 50
+            rest.append(asyncio.ensure_future(b.submit([ScoreItem(ids.astype(np.int64), 20)])))
+    await asyncio.sleep(0.05)
+    gate.set()
+    await asyncio.gather(first, *rest)
+    b.stop()
+    assert sorted(map(sorted, seen[1:])) == [[10] * 4, [20] * 4, [30] * 4, [40] * 4]

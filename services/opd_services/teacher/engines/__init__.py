@@ -1,6 +1,7 @@
 """Engines (what scores) and the factory that picks one from settings. Engines load lazily (in start-up)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -30,9 +31,22 @@ def engine_factory(settings: Settings) -> Callable[[], Engine]:
         return _vllm(settings, path)
 
     def build() -> Engine:
-        from opd_services.teacher.engines.torch_engine import TorchEngine
-        return TorchEngine(path, device=settings.device, dtype=settings.dtype, max_top_k=settings.max_top_k)
+        from opd_services.teacher.engines.torch_engine import TorchEngine, pick_device
+        cache_mb = settings.prefix_cache_mb
+        if cache_mb is None:
+            cache_mb = default_prefix_cache_mb(pick_device(settings.device).type == "cuda")
+        return TorchEngine(path, device=settings.device, dtype=settings.dtype, max_top_k=settings.max_top_k,
+                           prefix_cache_mb=cache_mb, share_prefixes=settings.prefix_sharing)
     return build
+
+
+def default_prefix_cache_mb(cuda: bool) -> float:
+    """OPD_PREFIX_CACHE_MB unset: 1/10 of the GPU's memory on CUDA; on CPU 1/16 of RAM, at most 2 GB."""
+    if cuda:
+        import torch
+        return torch.cuda.get_device_properties(0).total_memory / 10 / (1 << 20)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return min(ram / 16 / (1 << 20), 2048.0)
 
 
 def _vllm(settings: Settings, path: Path) -> Callable[[], Engine]:
@@ -45,5 +59,5 @@ def _vllm(settings: Settings, path: Path) -> Callable[[], Engine]:
         from opd_services.teacher.engines.vllm_engine import VllmEngine
         return VllmEngine(path, dtype=settings.dtype, max_top_k=settings.max_top_k,
                           full_vocab_limit=settings.vllm_full_vocab_limit, max_candidates=settings.max_candidates,
-                          engine_args=settings.vllm_args)
+                          engine_args=settings.vllm_args, prefix_cache=settings.vllm_prefix_cache)
     return build

@@ -9,6 +9,7 @@ block until done.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -17,6 +18,9 @@ import numpy as np
 
 from opd_client.types import ModelInfo
 from opd_services.modeling.sampling import Sampled, SampleParams  # noqa: F401  (part of the engine protocol)
+
+
+MIN_SHARED_PREFIX = 16   # shorter common prefixes are not worth sharing (a second forward)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +87,22 @@ class Engine(Protocol):
 # item before it is queued; it raises InvalidRequest(field, reason) for an item the engine cannot
 # serve (e.g. the vLLM engine and a vocabulary too large for the full-distribution path). It is
 # optional so that engines serving every valid item need not define it.
+
+
+def checkpoint_dtype(model_dir: str | Path) -> str | None:
+    """The dtype config.json declares ("dtype", or the older "torch_dtype"), if any."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    value = config.get("dtype") or config.get("torch_dtype")
+    return str(value).removeprefix("torch.") if value else None
+
+
+def auto_dtype(model_dir: str | Path, cuda: bool) -> str:
+    """What OPD_DTYPE=auto means, the same for every engine: on CPU the checkpoint's own dtype
+    (float32 if it declares none); on CUDA bfloat16, unless the checkpoint is float16 or bfloat16."""
+    declared = checkpoint_dtype(model_dir)
+    if cuda:
+        return declared if declared in ("float16", "bfloat16") else "bfloat16"
+    return declared if declared in ("float32", "float16", "bfloat16") else "float32"
 
 
 REVISION_GLOBS = ("*.safetensors", "*.bin", "*.pt", "config.json", "tokenizer*", "*.model",

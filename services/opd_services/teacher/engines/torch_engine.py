@@ -1,7 +1,9 @@
 """Torch engine: exact teacher logprobs from a transformers causal LM, on CPU or CUDA.
 
 How it scores a batch:
-  1) right-pad the sequences and run the decoder body once (no LM head);
+  1) right-pad the sequences and run the decoder body once (no LM head); sequences that share a
+     prefix run it once and the rest on its KV, and prefixes come from the prefix KV cache
+     when they are there (engines/prefix.py; the hidden states are the same);
   2) gather only the hidden states that predict positions [s, L) of each sequence;
   3) push those rows through the LM head in chunks, each chunk in float32:
      log-softmax statistics, the target logprob, top-k, candidates and entropy;
@@ -20,7 +22,9 @@ import numpy as np
 import torch
 
 from opd_client.types import ModelInfo
-from opd_services.teacher.engines.base import GenerateItem, ItemScores, Sampled, ScoreItem, revision_hash
+from opd_services.teacher.engines.base import (GenerateItem, ItemScores, Sampled, ScoreItem, auto_dtype,
+                                               revision_hash)
+from opd_services.teacher.engines.prefix import PrefixCache, export_metrics, shared_hidden
 
 log = logging.getLogger(__name__)
 
@@ -33,19 +37,20 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def pick_dtype(dtype: str, device: torch.device, model_dir: str | Path) -> torch.dtype:
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = auto_dtype(model_dir, cuda=device.type == "cuda")
     return getattr(torch, dtype)
 
 
 class TorchEngine:
     def __init__(self, model_dir: str | Path, *, device: str = "auto", dtype: str = "auto",
-                 max_top_k: int = 20, name: str | None = None):
+                 max_top_k: int = 20, name: str | None = None, prefix_cache_mb: float = 0,
+                 share_prefixes: bool = True):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.device = pick_device(device)
-        self.dtype = pick_dtype(dtype, self.device)
+        self.dtype = pick_dtype(dtype, self.device, model_dir)
         config = AutoConfig.from_pretrained(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype).to(self.device).eval()
         self.body = self.model.base_model
@@ -53,16 +58,23 @@ class TorchEngine:
         self.vocab_size = int(self.head.weight.shape[0])
         self.softcap = getattr(config, "final_logit_softcapping", None)
         self.chunk_rows = max(16, CHUNK_BYTES // (4 * self.vocab_size))
+        self.share_prefixes = share_prefixes
+        if share_prefixes:
+            export_metrics("torch")
+        self.prefix_cache = PrefixCache(int(prefix_cache_mb * (1 << 20))) if share_prefixes and prefix_cache_mb > 0 else None
         self.info = ModelInfo(
             name=name or Path(model_dir).resolve().name, engine="torch", engine_version=torch.__version__,
             dtype=str(self.dtype).removeprefix("torch."), revision=revision_hash(model_dir),
             vocab_size=self.vocab_size, max_model_len=int(getattr(config, "max_position_embeddings", 4096)),
             max_top_k=max_top_k)
-        log.info("torch engine: %s on %s (%s), vocab %d", self.info.name, self.device, self.info.dtype,
-                 self.vocab_size)
+        log.info("torch engine: %s on %s (%s), vocab %d, prefix sharing %s, prefix cache %s MB", self.info.name,
+                 self.device, self.info.dtype, self.vocab_size, "on" if share_prefixes else "off",
+                 prefix_cache_mb if self.prefix_cache else 0)
 
     def close(self) -> None:
         self.model = self.body = self.head = None
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
 
     def generate(self, item: GenerateItem) -> list[Sampled]:
         from opd_services.modeling.sampling import sample
@@ -97,6 +109,11 @@ class TorchEngine:
         return out.split(items)
 
     def _hidden(self, items: list[ScoreItem]) -> torch.Tensor:
+        if self.share_prefixes:
+            hidden_BL_H = shared_hidden(self.body, [it.token_ids for it in items], [it.score_from for it in items],
+                                        self.prefix_cache, self.device)
+            if hidden_BL_H is not None:
+                return hidden_BL_H
         lens = [it.n_tokens for it in items]
         lmax = max(lens)
         ids = np.zeros((len(items), lmax), dtype=np.int64)

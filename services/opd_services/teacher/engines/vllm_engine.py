@@ -20,6 +20,11 @@ Generation (`generate`): one vLLM request per prompt (all submitted at once), sa
 contract's way: temperature (0 = greedy), seed (+ the prompt's index), stop ids included in the
 output, no stop at the model's EOS unless asked (ignore_eos), and the sampled tokens' logprobs of the
 distribution sampled from (vLLM's `processed_logprobs` mode; prompt logprobs are the same in both modes).
+
+Prefix caching (`prefix_cache=True`, OPD_VLLM_PREFIX_CACHE): requests read vLLM's prefix cache
+(`skip_reading_prefix_cache=False`). vLLM then leaves the prompt-logprob rows of the cached
+positions unwritten, so an answer is used only if the hit stops before the first scored row
+(num_cached_tokens <= score_from - 1); otherwise the item is scored again without the cache.
 This module does not validate requests (ScoringService does), batch them, or know a wire format.
 """
 from __future__ import annotations
@@ -35,8 +40,9 @@ from pathlib import Path
 import numpy as np
 
 from opd_client.types import ModelInfo
+from opd_services import metrics
 from opd_services.errors import ConfigError, InvalidRequest
-from opd_services.teacher.engines.base import GenerateItem, ItemScores, Sampled, ScoreItem, revision_hash
+from opd_services.teacher.engines.base import GenerateItem, ItemScores, Sampled, ScoreItem, auto_dtype, revision_hash
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +70,7 @@ def needs_full_vocab(item: ScoreItem) -> bool:
 class VllmEngine:
     def __init__(self, model_dir: str | Path, *, dtype: str = "auto", max_top_k: int = 20,
                  full_vocab_limit: int = 8192, max_candidates: int = 256, name: str | None = None,
-                 engine_args: dict | None = None):
+                 engine_args: dict | None = None, prefix_cache: bool = False):
         for k, v in CPU_ENV_DEFAULTS.items():
             os.environ.setdefault(k, v)
         import torch
@@ -75,13 +81,18 @@ class VllmEngine:
         self.vocab_size = int(config["vocab_size"])
         self.full_vocab_limit = full_vocab_limit
         self.full_vocab = self.vocab_size <= full_vocab_limit
+        if dtype == "auto":    # the same meaning as on the torch engine (vLLM's own auto downcasts float32 on CPU)
+            dtype = auto_dtype(model_dir, cuda=torch.cuda.is_available())
         args = {"model": str(model_dir), "dtype": dtype, "skip_tokenizer_init": True,
                 "enforce_eager": not torch.cuda.is_available(),
                 # the actual token comes on top of k; the span path asks 1 + C ids per row; the
                 # full path needs the whole vocabulary
                 "max_logprobs": -1 if self.full_vocab else max(max_top_k, 1 + max_candidates),
                 "logprobs_mode": "processed_logprobs"}
+        if prefix_cache:
+            args["enable_prefix_caching"] = True
         args.update(engine_args or {})
+        self.prefix_cache = prefix_cache
         try:
             engine_args_obj = AsyncEngineArgs(**args)
         except TypeError as e:
@@ -126,12 +137,16 @@ class VllmEngine:
         return list(await asyncio.gather(*(self._score_one(it) for it in items)))
 
     async def _score_one(self, item: ScoreItem) -> ItemScores:
-        from vllm import TokensPrompt
         path = self._path(item)
-        out = None
-        prompt = TokensPrompt(prompt_token_ids=item.token_ids.tolist())
-        async for out in self.llm.generate(prompt, self._params(item, path), request_id=uuid.uuid4().hex):
-            pass
+        out = await self._request(item, path, self.prefix_cache)
+        if self.prefix_cache:
+            cached = int(out.num_cached_tokens or 0)
+            usable = cached <= item.score_from - 1
+            metrics.PREFIX_CACHE_LOOKUPS.labels("vllm", "hit" if cached and usable else "miss").inc()
+            if usable:
+                metrics.PREFIX_TOKENS.labels("vllm", "cache").inc(cached)
+            else:   # rows before the hit were never computed, and some of them are scored: again, uncached
+                out = await self._request(item, path, False)
         if path == "span":
             return _from_span(item, out.prompt_token_id_logprobs)
         return _from_flat(item, out.prompt_logprobs, path == "full")
@@ -157,6 +172,15 @@ class VllmEngine:
         lps = np.asarray([step[t].logprob for t, step in zip(done.token_ids, done.logprobs)], dtype=np.float32)
         return Sampled(ids, lps, "stop" if done.finish_reason == "stop" else "length")
 
+    async def _request(self, item: ScoreItem, path: str, read_cache: bool):
+        from vllm import TokensPrompt
+        out = None
+        params = self._params(item, path, read_cache)
+        prompt = TokensPrompt(prompt_token_ids=item.token_ids.tolist())
+        async for out in self.llm.generate(prompt, params, request_id=uuid.uuid4().hex):
+            pass
+        return out
+
     def _path(self, item: ScoreItem) -> str:
         if self.span and item.top_k == 0 and item.temperature == 1.0 and not (item.entropy or item.rank):
             return "span"
@@ -165,9 +189,10 @@ class VllmEngine:
         return "topk"
 
     @staticmethod
-    def _params(item: ScoreItem, path: str):
+    def _params(item: ScoreItem, path: str, read_cache: bool = False):
         from vllm import SamplingParams
-        common = dict(max_tokens=1, temperature=0.0, detokenize=False)   # the one sampled token is discarded
+        common = dict(max_tokens=1, temperature=0.0, detokenize=False,   # the one sampled token is discarded
+                      skip_reading_prefix_cache=not read_cache)
         if path == "span":
             rows = item.token_ids[item.score_from:, None]
             if item.candidate_ids_T_C is not None:

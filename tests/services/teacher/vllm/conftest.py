@@ -41,7 +41,8 @@ def vllm_model(cache_dir) -> Path:
 
 
 def _settings(model: Path, cache_dir: Path, engine: str) -> Settings:
-    return Settings(model=str(model), engine=engine, device="cpu", dtype="float32", host="127.0.0.1",
+    """Default dtype (auto): both engines must then serve the float32 checkpoint in float32."""
+    return Settings(model=str(model), engine=engine, device="cpu", host="127.0.0.1",
                     http_port=0, grpc_port=0, cache_dir=cache_dir, max_top_k=20, max_request_sequences=64,
                     max_request_tokens=8192, max_body_bytes=1 << 20, drain_timeout_s=5)
 

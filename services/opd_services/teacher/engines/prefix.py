@@ -1,0 +1,316 @@
+"""Prefix-shared decoder forward for the torch engine, and the bounded prefix KV cache.
+
+Sequences of one batch that share a prefix (a group of completions of one prompt) run the
+prefix through the decoder once; each sequence's remainder then runs on that prefix's KV.
+Across batches, a bounded LRU cache (OPD_PREFIX_CACHE_MB) keeps prefixes' KV and hidden
+states, keyed by a hash of the token block (and checked token for token on a hit), so a
+prompt scored a moment ago is not recomputed.
+
+How `shared_hidden` runs a batch:
+  1) plan: sort the sequences, chain neighbours with a long common prefix into groups; a
+     group's prefix is their common prefix (each member keeps >= 1 token of its own); with the
+     cache on, a lone sequence's prefix is its prompt (tokens before score_from); prefixes under
+     16 tokens or under 15% of the sequence are not worth the second pass;
+  2) resolve each group's prefix (a lone sequence is a group of one): a cache hit, or
+     computed once (on a cached prompt if any) and cached;
+  3) run every sequence's remainder on its prefix's KV in one padded forward (past padding
+     masked, position ids continuing from each prefix's length);
+  4) assemble right-padded hidden states [B, Lmax, H] exactly as an unshared forward gives
+     them, and put new prefixes (capped at the prompt) into the cache.
+Causal attention makes the KV of tokens[:P] a function of tokens[:P] alone, so reuse is exact
+up to float rounding of a different matmul split (~1e-7 in float32).
+
+Who may touch the cache: only the engine thread that owns the engine (the batcher's); it is
+not thread-safe and not shared between engines. It holds activations only (keys, values,
+hidden states of token blocks), never results, tenants or requests. This module knows
+nothing of the LM head, requests or wire formats.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from opd_services import metrics
+from opd_services.teacher.engines.base import MIN_SHARED_PREFIX as MIN_PREFIX
+
+# A prefix shorter than this share of its longest member saves less than the masked, two-pass
+# forward costs (P4c, prompt 128 of 1,152 tokens: 0.94x in bench/prefix_cpu.py); it runs unshared.
+MIN_SHARE = 0.15
+
+
+SOURCES = ("computed", "batch", "cache")
+
+
+def export_metrics(engine: str) -> None:
+    """Create the per-engine series at start-up, so /metrics shows them before the first share."""
+    for source in SOURCES:
+        metrics.PREFIX_TOKENS.labels(engine, source)
+
+
+@dataclass(slots=True)
+class Prefix:
+    """Activations of a token block: per-layer KV and the last hidden states."""
+
+    tokens: np.ndarray                 # int64 [P]
+    keys: list[torch.Tensor]           # per layer [kv_heads, P, head_dim]
+    values: list[torch.Tensor]         # per layer [kv_heads, P, head_dim]
+    hidden_P_H: torch.Tensor           # [P, H]
+
+    @property
+    def n(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        ts = [*self.keys, *self.values, self.hidden_P_H]
+        return sum(t.numel() * t.element_size() for t in ts) + self.tokens.nbytes
+
+    def head(self, n: int) -> "Prefix":
+        """The first n positions, as tensors of their own (a slice would pin the whole batch)."""
+        return _packed(self.tokens[:n], [k[:, :n] for k in self.keys], [v[:, :n] for v in self.values],
+                       [self.hidden_P_H[:n]])
+
+
+def block_key(tokens: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(tokens, dtype="<i8").tobytes(), digest_size=16).digest()
+
+
+class PrefixCache:
+    """LRU of Prefix by token block, bounded in bytes; an entry over the budget is not kept."""
+
+    def __init__(self, budget_bytes: int, engine: str = "torch"):
+        self.budget = budget_bytes
+        self.bytes = 0
+        self._entries: OrderedDict[bytes, Prefix] = OrderedDict()
+        self._bytes_gauge = metrics.PREFIX_CACHE_BYTES.labels(engine)
+        self._hits = metrics.PREFIX_CACHE_LOOKUPS.labels(engine, "hit")
+        self._misses = metrics.PREFIX_CACHE_LOOKUPS.labels(engine, "miss")
+        self._bytes_gauge.set(0)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def record(self, hit: bool) -> None:
+        """Count one lookup (a prefix may take two gets: its whole length, then its prompt)."""
+        (self._hits if hit else self._misses).inc()
+
+    def get(self, tokens: np.ndarray) -> Prefix | None:
+        key = block_key(tokens)
+        hit = self._entries.get(key)
+        if hit is not None and not np.array_equal(hit.tokens, tokens):
+            hit = None                     # a hash collision: never serve another block's activations
+        if hit is not None:
+            self._entries.move_to_end(key)
+        return hit
+
+    def put(self, prefix: Prefix) -> None:
+        key, size = block_key(prefix.tokens), prefix.nbytes
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return
+        if size > self.budget:
+            return
+        while self.bytes + size > self.budget:
+            _, old = self._entries.popitem(last=False)
+            self.bytes -= old.nbytes
+        self._entries[key] = prefix
+        self.bytes += size
+        self._bytes_gauge.set(self.bytes)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.bytes = 0
+        self._bytes_gauge.set(0)
+
+
+@dataclass(slots=True)
+class Group:
+    members: list[int]       # batch indices
+    length: int              # shared prefix length P (every member has >= P + 1 tokens)
+    key_length: int          # what goes into / comes from the cache: min(P, the members' smallest score_from)
+
+
+def plan(token_ids: list[np.ndarray], score_from: list[int], cache_on: bool) -> list[Group]:
+    """Groups with a worthwhile prefix. Neighbours in sorted order join a group while that
+    does not lower the group's saving ((n - 1) * P); lone sequences count only with the cache."""
+    order = sorted(range(len(token_ids)), key=lambda i: token_ids[i].astype(">i8").tobytes())
+    groups: list[list[int]] = []
+    shared: list[int] = []
+    for i in order:
+        if groups:
+            prev = groups[-1]
+            p = min(shared[-1], _lcp(token_ids[prev[-1]], token_ids[i]))
+            if p >= MIN_PREFIX and len(prev) * p >= (len(prev) - 1) * shared[-1]:
+                prev.append(i)
+                shared[-1] = p
+                continue
+        groups.append([i])
+        shared.append(1 << 62)
+    out = []
+    for members, p in zip(groups, shared):
+        p = min(p, *(token_ids[i].shape[0] - 1 for i in members))
+        if len(members) == 1:
+            if not cache_on:
+                continue
+            p = score_from[members[0]]
+        if p >= MIN_PREFIX and p >= MIN_SHARE * max(token_ids[i].shape[0] for i in members):
+            out.append(Group(members, p, min(p, *(score_from[i] for i in members))))
+    return out
+
+
+def _lcp(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(a.shape[0], b.shape[0])
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if diff.size else n
+
+
+def concat(base: Prefix | None, tokens: np.ndarray, ext: "_Ext", n: int) -> Prefix:
+    """base + the first n new positions of ext, packed into one buffer of its own."""
+    if base is None:
+        return _packed(tokens, [k[:, :n] for k in ext.keys], [v[:, :n] for v in ext.values], [ext.hidden_S_H[:n]])
+    return _packed(tokens, [torch.cat([a, k[:, :n]], 1) for a, k in zip(base.keys, ext.keys)],
+                   [torch.cat([a, v[:, :n]], 1) for a, v in zip(base.values, ext.values)],
+                   [base.hidden_P_H, ext.hidden_S_H[:n]])
+
+
+def _packed(tokens: np.ndarray, keys: list[torch.Tensor], values: list[torch.Tensor],
+            hidden: list[torch.Tensor]) -> Prefix:
+    """One allocation per entry (no slice pins a batch's tensors; less allocator fragmentation)."""
+    hidden_P_H = hidden[0] if len(hidden) == 1 else torch.cat(hidden)
+    parts = [*keys, *values, hidden_P_H]
+    buf = parts[0].new_empty(sum(t.numel() for t in parts))
+    views, lo = [], 0
+    for t in parts:
+        view = buf[lo: lo + t.numel()].view(t.shape)
+        view.copy_(t)
+        views.append(view)
+        lo += t.numel()
+    n = len(keys)
+    return Prefix(tokens.copy(), views[:n], views[n:2 * n], views[-1])
+
+
+@dataclass(slots=True)
+class _Ext:
+    """One row's new positions from `extend`: views into the batch's tensors."""
+
+    hidden_S_H: torch.Tensor
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+
+def extend(body, rows: list[tuple[Prefix | None, np.ndarray]], device: torch.device, want_kv: bool) -> list[_Ext]:
+    """Run each row's tokens on its base prefix's KV (or from scratch), all rows in one padded
+    forward: past padded and masked at the right of each base, new tokens right-padded, position
+    ids continuing from each base's length."""
+    base_n = [0 if p is None else p.n for p, _ in rows]
+    new_n = [int(c.shape[0]) for _, c in rows]
+    b, past, width = len(rows), max(base_n), max(new_n)
+    ids = np.zeros((b, width), dtype=np.int64)
+    for r, (_, chunk) in enumerate(rows):
+        ids[r, : new_n[r]] = chunk
+    new_mask_B_S = torch.arange(width)[None, :] < torch.tensor(new_n)[:, None]
+    kw = {}
+    if past:
+        from transformers import DynamicCache
+        kw["past_key_values"] = DynamicCache(_padded_past(rows, past))
+        past_mask_B_P = torch.arange(past)[None, :] < torch.tensor(base_n)[:, None]
+        kw["attention_mask"] = torch.cat([past_mask_B_P, new_mask_B_S], 1).long().to(device)
+        kw["position_ids"] = (torch.tensor(base_n)[:, None] + torch.arange(width)[None, :]).to(device)
+    elif min(new_n) != width:
+        kw["attention_mask"] = new_mask_B_S.long().to(device)
+    out = body(input_ids=torch.from_numpy(ids).to(device), use_cache=want_kv or bool(past), **kw)
+    hidden_B_S_H = out.last_hidden_state
+    keys = values = []
+    if want_kv:
+        layers = out.past_key_values.layers
+        keys = [layer.keys[:, :, past:past + width] for layer in layers]
+        values = [layer.values[:, :, past:past + width] for layer in layers]
+    return [_Ext(hidden_B_S_H[r], [k[r] for k in keys], [v[r] for v in values]) for r in range(b)]
+
+
+def _padded_past(rows: list[tuple[Prefix | None, np.ndarray]], past: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    ref = next(p for p, _ in rows if p is not None)
+    layers = []
+    for layer in range(len(ref.keys)):
+        heads, _, dim = ref.keys[layer].shape
+        k_B_h_P_d = ref.keys[layer].new_zeros((len(rows), heads, past, dim))
+        v_B_h_P_d = torch.zeros_like(k_B_h_P_d)
+        for r, (p, _) in enumerate(rows):
+            if p is not None:
+                k_B_h_P_d[r, :, : p.n] = p.keys[layer]
+                v_B_h_P_d[r, :, : p.n] = p.values[layer]
+        layers.append((k_B_h_P_d, v_B_h_P_d))
+    return layers
+
+
+class _Resolved:
+    """Per batch: each sequence's base prefix, the prefixes to compute once, the token counts."""
+
+    def __init__(self, n: int):
+        self.base: list[Prefix | None] = [None] * n
+        self.todo: list[tuple[Group, Prefix | None]] = []     # (group, cached prompt to start from)
+        self.tokens = dict.fromkeys(SOURCES, 0)
+
+
+def _resolve(groups: list[Group], ids: list[np.ndarray], cache: PrefixCache | None) -> _Resolved:
+    res = _Resolved(len(ids))
+    for g in groups:
+        rep = ids[g.members[0]]
+        hit = part = None
+        if cache is not None:
+            hit = cache.get(rep[: g.length])
+            if hit is None and g.key_length < g.length:
+                part = cache.get(rep[: g.key_length])
+            cache.record(hit is not None or part is not None)
+        reused = g.length if hit else (part.n if part else 0)
+        res.tokens["cache"] += reused
+        res.tokens["computed"] += g.length - reused
+        res.tokens["batch"] += (len(g.members) - 1) * g.length
+        if hit is not None:
+            for i in g.members:
+                res.base[i] = hit
+        else:
+            res.todo.append((g, part))
+    return res
+
+
+def shared_hidden(body, token_ids: list[np.ndarray], score_from: list[int], cache: PrefixCache | None,
+                  device: torch.device, engine: str = "torch") -> torch.Tensor | None:
+    """Right-padded last hidden states [B, Lmax, H] of the batch computed with shared prefixes,
+    or None when nothing in it is worth sharing (the caller runs its plain forward)."""
+    # 1) plan
+    groups = plan(token_ids, score_from, cache is not None)
+    if not groups:
+        return None
+    # 2) resolve prefixes: cache hits, else compute each group's prefix once
+    res = _resolve(groups, token_ids, cache)
+    if res.todo:
+        rows = [(part, token_ids[g.members[0]][(part.n if part else 0): g.length]) for g, part in res.todo]
+        for (g, part), ext in zip(res.todo, extend(body, rows, device, want_kv=True)):
+            rep = token_ids[g.members[0]]
+            pre = concat(part, rep[: g.length], ext, g.length - (part.n if part else 0))
+            for i in g.members:
+                res.base[i] = pre
+            if cache is not None:
+                cache.put(pre if g.key_length == g.length else pre.head(g.key_length))
+    # 3) every sequence's remainder on its prefix's KV (a miss computed its prefix in 2), so a
+    #    later hit runs this same forward on the same KV and returns the same numbers)
+    rows = [(p, ids[(p.n if p else 0):]) for p, ids in zip(res.base, token_ids)]
+    exts = extend(body, rows, device, want_kv=False)
+    # 4) assemble as an unshared forward would
+    lens = [int(t.shape[0]) for t in token_ids]
+    h = exts[0].hidden_S_H
+    hidden_BL_H = h.new_zeros((len(lens), max(lens), h.shape[-1]))
+    for i, (p, ext) in enumerate(zip(res.base, exts)):
+        b = p.n if p else 0
+        if b:
+            hidden_BL_H[i, :b] = p.hidden_P_H
+        hidden_BL_H[i, b: lens[i]] = ext.hidden_S_H[: lens[i] - b]
+    for source, n in res.tokens.items():
+        if n:
+            metrics.PREFIX_TOKENS.labels(engine, source).inc(n)
+    return hidden_BL_H
