@@ -22,6 +22,7 @@ import json
 import re
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 # bench/queue.py would shadow the stdlib `queue` (torch imports it): drop this script's folder
@@ -60,10 +61,17 @@ def bench_task(task: str, args: argparse.Namespace, settings: Settings) -> dict:
     sweep: dict[str, dict[float, dict]] = {}
     runs: dict[str, list[dict]] = {}
     ablation: dict[str, dict] = {}
-    with LocalStack(teacher, plan.out / "logs", max_top_k=64) as stack:
+    with (nullcontext() if args.report_only else LocalStack(teacher, plan.out / "logs", max_top_k=64)) as stack:
         def one(method: str, seed: int, lr: float, extra: list[str], loss: str | None = None) -> dict:
             name = re.sub(r"[^a-z0-9.-]+", "-", f"{method}-lr{lr:g}-s{seed}")
-            hist, eng = run_method(stack, plan, loss or method, seed, student, lr, extra, console=False, name=name)
+            done = (plan.out / name / "engine_seconds.json").exists()
+            if args.report_only and not done:
+                raise SystemExit(f"--report-only: no finished run {plan.out / name}")
+            if done and (args.report_only or args.resume):   # a run a previous bench left in --out
+                hist = report.load_history(plan.out / name)
+                eng = json.loads((plan.out / name / "engine_seconds.json").read_text())
+            else:
+                hist, eng = run_method(stack, plan, loss or method, seed, student, lr, extra, console=False, name=name)
             r = report.run_summary(hist, t_metric, eng)
             print(f"  {task:<9}{method:<24}lr {lr:<7g}seed {seed}  final {r['final_accuracy']:6.1%}  "
                   f"tokens {r['teacher_tokens']:>9,}  teacher-s {sum(eng.values()):7.2f}  "
@@ -114,6 +122,9 @@ def main() -> int:
     p.add_argument("--ablation", default=",".join([*ABLATION, *TOPK_ABLATION]),
                    help="comma-separated ablation runs (names of ABLATION / TOPK_ABLATION), or ''")
     p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("--resume", action="store_true", help="reuse the finished runs already in --out")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: report the finished runs already in --out (same flags as the run)")
     p.add_argument("--out", type=Path, default=Path("bench-out/distill"))
     args = p.parse_args()
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]

@@ -107,7 +107,9 @@ def run_method(stack, plan: DemoPlan, method: str, seed: int, student: Path, lr:
                        "--seed", str(seed), "--eval-every", str(plan.eval_every), "--eval-size", str(plan.eval_size),
                        "--experiment", name, *mode, *extra], plan.train_timeout_s, console=console)
     after = stack.engine_seconds()
-    return report.load_history(out), {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    spent = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    (out / "engine_seconds.json").write_text(json.dumps(spent))
+    return report.load_history(out), spent
 
 
 def run_demo(settings: Settings, plan: DemoPlan = DemoPlan()) -> int:

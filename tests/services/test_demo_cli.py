@@ -23,7 +23,7 @@ from opd_services.errors import ConfigError
 ])
 def test_demo_refuses_bad_flags(tmp_path, extra, flag):
     r = subprocess.run([sys.executable, "-m", "opd_services.cli", "demo", "--out", str(tmp_path / "o"), *extra],
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True, timeout=180)
     assert r.returncode == 2 and flag in r.stderr, r.stderr[-500:]
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr[-500:]
     assert not (tmp_path / "o").exists()          # nothing was started

@@ -83,6 +83,6 @@ def test_train_refuses_bad_flags(tmp_path, random_student):
     for extra, flag in cases:
         args = ["--out", str(tmp_path / "x"), "--student", str(random_student), *extra]
         r = subprocess.run([sys.executable, "-m", "opd_services.cli", "train", *args], capture_output=True, text=True,
-                           timeout=60)
+                           timeout=180)
         assert r.returncode == 2 and flag in r.stderr, (extra, r.stderr[-500:])
         assert len(r.stderr.strip().splitlines()) == 1, (extra, r.stderr[-500:])      # one line, naming the flag
