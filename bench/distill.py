@@ -101,8 +101,11 @@ def bench_task(task: str, args: argparse.Namespace, settings: Settings) -> dict:
                 f"{task}: OPD vs continued SFT from one SFT checkpoint ({args.seeds} seeds, band = min-max)", metric)
     print(report.table(metric, t_metric, next(iter(runs.values()))[0]["start_accuracy"], labelled))
     print("\n".join(lines))
+    iso = {}
+    if "sft" in methods:   # the teacher-seconds each method needs to match continued SFT's final mean
+        iso = {"target": methods["sft"]["final_mean"], "cost": report.iso_quality(methods, methods["sft"]["final_mean"])}
     return {"teacher_metric": t_metric, "metric": metric, "steps": plan.steps, "methods": methods,
-            "ratios": ratios, "ablation": ablation,
+            "ratios": ratios, "iso_quality": iso, "ablation": ablation,
             "sweep": {m: {str(lr): r for lr, r in v.items()} for m, v in sweep.items()}}
 
 
@@ -161,6 +164,9 @@ def _print(results: dict, tasks: list[str]) -> None:
                 ge = ">=" if r["lower_bound"] else "="
                 print(f"D2  SFT / {LABELS[m]}: teacher-s {ge} {r['teacher_s_sampled']:.1f}x (target >= 5), "
                       f"FLOPs data given {ge} {r['flops_data_given']:.1f}x (target > 1)")
+        iso = res.get("iso_quality") or {}
+        if iso:
+            print("\n".join("    " + line for line in report.iso_lines(iso["target"], iso["cost"], LABELS)))
         print("D3  ablation (seed 0, best rkl lr):")
         for name, r in res["ablation"].items():
             print(f"    {name:<26} final {r['final_accuracy']:6.1%}  to 90%: "

@@ -48,6 +48,38 @@ def run_summary(hist: dict, teacher_metric: float, engine_s: dict | None = None)
     return out
 
 
+def tokens_to(run: dict, target: float) -> int | None:
+    """Teacher tokens a run used up to its first eval at or above `target` (None: never)."""
+    return next((tok for tok, acc in run["curve"] if acc >= target), None)
+
+
+def iso_quality(methods: dict[str, dict], target: float) -> dict[str, dict | None]:
+    """Per method, the median over seeds of the teacher tokens and teacher-seconds (the run's
+    measured seconds per token times those tokens) to reach `target`; None when fewer than
+    half of its seeds got there."""
+    out = {}
+    for m, s in methods.items():
+        got = [(t, t * r["teacher_s_per_token"]) for r in s["runs"] if (t := tokens_to(r, target)) is not None]
+        ok = got and 2 * len(got) >= len(s["runs"])
+        out[m] = {"tokens": float(np.median([t for t, _ in got])),
+                  "teacher_s": float(np.median([x for _, x in got]))} if ok else None
+    return out
+
+
+def iso_lines(target: float, cost: dict[str, dict | None], labels: dict[str, str]) -> list[str]:
+    """The iso_quality figures as text, each method against continued SFT ("sft")."""
+    sft = cost.get("sft")
+    lines = [f"to continued SFT's final mean ({target:.1%}), median over seeds (SFT / this):"]
+    for m, c in cost.items():
+        if c is None:
+            lines.append(f"  {labels.get(m, m):<34}not reached")
+            continue
+        vs = (f"  ({sft['tokens'] / c['tokens']:.1f}x tokens, {sft['teacher_s'] / c['teacher_s']:.1f}x teacher-s)"
+              if sft and m != "sft" and c["tokens"] and c["teacher_s"] else "")
+        lines.append(f"  {labels.get(m, m):<34}{c['tokens']:>9,.0f} tok {c['teacher_s']:8.2f} s{vs}")
+    return lines
+
+
 def method_summary(runs: list[dict], flops_tok: float, flops_tok_given: float | None = None) -> dict:
     """Runs of one method over seeds: mean and spread of the final metric; the median cost to
     90% of the teacher over the seeds that got there (None when fewer than half did)."""
