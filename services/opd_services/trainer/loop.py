@@ -1,15 +1,16 @@
 """The training loop of `opd train`, spelled out step by step.
 
     1) keep `prefetch + 1` batches of student rollouts in flight (sampled by the current
-       policy; their version is the step that sampled them)
+       policy; their version is the step that sampled them; group_size samples per prompt)
     2) take one scored batch (queue or direct); drop rollouts staler than max_staleness
        (and any another run of the experiment left behind)
-    3) loss (reverse KL as PG advantage, or top-k forward KL / JSD), optimizer step
+    3) loss (reverse KL as a per-token advantage with an importance ratio, or top-k + tail
+       forward KL / JSD, or a full-distribution KL / JSD), optimizer step
     4) ack the scored entries (only now: a crash before this leaves them to be reclaimed)
     5) metrics, progress; every eval_every steps a held-out exact-match eval
 The SFT baseline replaces 1-2 with teacher samples (POST /v1/generate).
 The run stops at `steps` or once `teacher_tokens` teacher tokens were used, checkpoints
-and writes history.json (eval points: step, teacher tokens, wall time, accuracy).
+and writes history.json (eval points: step, teacher tokens, wall time, the task's metric).
 This module does not start the teacher, the scorer or Redis.
 """
 from __future__ import annotations
