@@ -162,7 +162,7 @@ def ratio_lines(methods: dict[str, dict]) -> tuple[list[str], dict]:
     from opd_services.trainer import report
     lines, out = [], {}
     for m, s in methods.items():
-        if m == "sft":
+        if m == "sft" or "sft" not in methods:
             continue
         r = report.ratios(methods["sft"], s)
         out[m] = r
