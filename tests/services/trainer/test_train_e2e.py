@@ -74,7 +74,7 @@ def test_train_refuses_bad_flags(tmp_path, random_student):
              (["--direct", "--student", str(tmp_path)], "--student"),
              (["--direct", "--loss", "kl"], "--loss"),
              (["--direct", "--lr", "0"], "--lr"),
-             (["--direct", "--lr", "-1e-3"], "--lr"),
+             (["--direct", "--lr=-1e-3"], "--lr"),
              (["--direct", "--group-size", "0"], "--group-size"),
              (["--direct", "--group-size", "3"], "--group-size"),     # does not divide --batch-size 64
              (["--direct", "--task", "sorting"], "--task"),
