@@ -11,6 +11,9 @@ Three families, all per token over the completion positions a mask selects:
   "tail" bucket that holds the rest of the vocabulary's mass, on both sides.
 * `jsd_topk_loss`: generalised Jensen-Shannon divergence with weight beta over the same
   k + 1 buckets (GKD): beta * KL(p || m) + (1 - beta) * KL(q || m), m = beta p + (1 - beta) q.
+* `full_divergence_loss`: per-position forward KL, reverse KL or JSD(beta) over the whole
+  vocabulary (GKD's on-policy losses), from the teacher's top-k with k up to V: exact when
+  k = V; with k < V the tail mass is spread evenly over the ids the teacher did not return.
 
 Shapes: B = sequences, T = scored positions (completion tokens), V = vocabulary,
 K = teacher top-k. Every function returns `LossOutput(loss, metrics)`; `loss` is a scalar
@@ -64,19 +67,22 @@ def token_logprobs(logits_B_T_V: "Tensor", token_ids_B_T: "Tensor") -> "Tensor":
 
 
 def reverse_kl_pg_loss(logprobs_B_T: "Tensor", behaviour_logprobs_B_T: "Tensor", teacher_logprobs_B_T: "Tensor",
-                       mask_B_T: "Tensor", *, clip_eps: float = 0.2, kl_coef: float = 1.0,
-                       baseline: bool = False) -> LossOutput:
+                       mask_B_T: "Tensor", *, clip_eps: float = 0.0, kl_coef: float = 1.0,
+                       baseline: bool = False, normalise: bool = False) -> LossOutput:
     """Policy-gradient step with advantage -(log pi_behaviour - log p_teacher) per token.
 
     logprobs_B_T: the current student's logprobs of the sampled tokens (with grad).
     behaviour_logprobs_B_T: the sampling policy's logprobs of the same tokens (no grad),
     as recorded in the rollout. On-policy (ratio 1) the gradient's expectation over the
     student's samples is exactly the gradient of KL(student || teacher) at each position.
-    Stale rollouts: the ratio exp(logprobs - behaviour) is clipped to [1-eps, 1+eps]
-    in the pessimistic PPO form, so an old rollout cannot push the policy far.
+    Stale rollouts: the importance ratio exp(logprobs - behaviour) reweights them. The
+    published recipe (Thinking Machines' on-policy distillation: per-token advantage, discount
+    0, plain importance sampling, no baseline, no normalisation) is the default; clip_eps > 0
+    clips the ratio to [1-eps, 1+eps] in the pessimistic PPO form instead.
     baseline: subtract the batch's mean advantage (over masked tokens). The expected gradient
-    is unchanged (E[grad log pi] = 0) and its variance drops; without it every sampled token
-    of a far-off student gets pushed down at once and mass drifts to tokens never sampled.
+    is unchanged (E[grad log pi] = 0) and its variance drops.
+    normalise: also divide the advantages by their standard deviation (over masked tokens);
+    this rescales the step, so it changes the effective learning rate.
     """
     _need_torch()
     lp = logprobs_B_T.float()
@@ -85,8 +91,11 @@ def reverse_kl_pg_loss(logprobs_B_T: "Tensor", behaviour_logprobs_B_T: "Tensor",
     adv_B_T = -kl_coef * kl_B_T
     if baseline:
         adv_B_T = adv_B_T - masked_mean(adv_B_T, mask_B_T)
+    if normalise:
+        centred_B_T = adv_B_T - masked_mean(adv_B_T, mask_B_T)
+        adv_B_T = adv_B_T / masked_mean(centred_B_T ** 2, mask_B_T).sqrt().clamp_min(1e-6)
     ratio_B_T = torch.exp(lp - beh)
-    clipped_B_T = ratio_B_T.clamp(1.0 - clip_eps, 1.0 + clip_eps)
+    clipped_B_T = ratio_B_T.clamp(1.0 - clip_eps, 1.0 + clip_eps) if clip_eps > 0 else ratio_B_T
     obj_B_T = torch.minimum(ratio_B_T * adv_B_T, clipped_B_T * adv_B_T)
     loss = -masked_mean(obj_B_T, mask_B_T)
     with torch.no_grad():
@@ -146,6 +155,46 @@ def jsd_topk_loss(student_logprobs_B_T_V: "Tensor", top_ids_B_T_K: "Tensor", top
     lp, lq = topk_buckets(student_logprobs_B_T_V, top_ids_B_T_K, top_logprobs_B_T_K)
     loss = masked_mean(generalized_jsd(lp, lq, beta), mask_B_T)
     return LossOutput(loss, {"jsd": float(loss.detach())})
+
+
+# ---- divergences over the whole vocabulary (GKD) ----------------------------------------
+
+FULL_KINDS = ("fkl", "rkl", "jsd")
+
+
+def dense_teacher_logprobs(top_ids_B_T_K: "Tensor", top_logprobs_B_T_K: "Tensor", vocab_size: int) -> "Tensor":
+    """[B, T, V] teacher log-distribution from its top-k: exact when K = V; otherwise the mass
+    the top-k leave out (1 - sum, floored at exp(LOG_EPS)) is spread evenly over the other ids."""
+    _need_torch()
+    lp_top = top_logprobs_B_T_K.detach().float()
+    k = lp_top.shape[-1]
+    if k >= vocab_size:
+        return torch.full(lp_top.shape[:-1] + (vocab_size,), LOG_EPS).scatter(-1, top_ids_B_T_K.long(), lp_top)
+    p_tail = (1.0 - lp_top.exp().sum(-1, keepdim=True)).clamp_min(math.exp(LOG_EPS))
+    rest = torch.log(p_tail / (vocab_size - k)).expand(*lp_top.shape[:-1], vocab_size)
+    return rest.clone().scatter(-1, top_ids_B_T_K.long(), lp_top)
+
+
+def full_divergence_loss(student_logprobs_B_T_V: "Tensor", teacher_logprobs_B_T_V: "Tensor", mask_B_T: "Tensor",
+                         *, kind: str = "rkl", beta: float = 0.5) -> LossOutput:
+    """Per-position divergence between teacher p and student q over the whole vocabulary,
+    averaged over masked tokens: fkl = KL(p || q), rkl = KL(q || p) (exact, no sampling
+    variance: the analytic counterpart of `reverse_kl_pg_loss`), jsd = generalised JSD(beta)."""
+    _need_torch()
+    lq = student_logprobs_B_T_V.float()
+    lp = teacher_logprobs_B_T_V.detach().float()
+    if kind == "fkl":
+        div_B_T = _kl(lp, lq)
+    elif kind == "rkl":
+        div_B_T = _kl(lq, lp)
+    elif kind == "jsd":
+        div_B_T = generalized_jsd(lp, lq, beta)
+    else:
+        raise ValueError(f"kind must be one of {FULL_KINDS}, got {kind!r}")
+    loss = masked_mean(div_B_T, mask_B_T)
+    with torch.no_grad():
+        metrics = {f"full_{kind}": float(loss), "reverse_kl": float(masked_mean(_kl(lq, lp), mask_B_T))}
+    return LossOutput(loss, metrics)
 
 
 def sft_loss(student_logprobs_B_T: "Tensor", mask_B_T: "Tensor") -> LossOutput:

@@ -45,21 +45,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from opd_services.config import Settings
     from opd_services.demo import DemoPlan, run_demo
     plan = DemoPlan(out=Path(args.out), rebuild=args.rebuild_checkpoints)
-    if args.opd_steps:
-        plan = dataclasses.replace(plan, opd_steps=args.opd_steps)
-    if args.losses:
+    given = {"task": args.task, "steps": args.steps, "lr_opd": args.lr_opd, "lr_sft": args.lr_sft,
+             "group_size": args.group_size}
+    plan = dataclasses.replace(plan, **{k: v for k, v in given.items() if v is not None})
+    if args.losses is not None:
         plan = dataclasses.replace(plan, losses=tuple(x.strip() for x in args.losses.split(",") if x.strip()))
-    return run_demo(Settings.load(), plan)
+    if args.seeds is not None:
+        plan = dataclasses.replace(plan, seeds=tuple(range(args.seeds)))
+    return run_demo(Settings.load(), plan.check())
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="opd", description="OPD Teacher: teacher-as-a-service for on-policy distillation.")
     sub = p.add_subparsers(dest="cmd", required=True)
     serve = sub.add_parser("serve", help="run the teacher (HTTP + gRPC) over one engine")
-    demo = sub.add_parser("demo", help="distil the demo teacher into a 4x smaller student: OPD vs SFT, table + plot")
+    demo = sub.add_parser("demo", help="from one SFT checkpoint: OPD vs continued SFT, table + plot")
     demo.add_argument("--out", default="demo-out", help="where the table's JSON, the plot and the logs go")
-    demo.add_argument("--opd-steps", type=int, default=None, help="OPD optimizer steps")
-    demo.add_argument("--losses", default=None, help="OPD losses to run, comma-separated (default rkl,fkl)")
+    demo.add_argument("--task", default=None, help="walks (default: where OPD should win) or addition (where it does not)")
+    demo.add_argument("--steps", type=int, default=None, help="optimizer steps per run (every method)")
+    demo.add_argument("--losses", default=None, help="OPD losses to run, comma-separated (default rkl,rkl-full)")
+    demo.add_argument("--lr-opd", type=float, default=None, help="learning rate of the OPD runs")
+    demo.add_argument("--lr-sft", type=float, default=None, help="learning rate of the continued-SFT runs")
+    demo.add_argument("--group-size", type=int, default=None, help="samples per prompt")
+    demo.add_argument("--seeds", type=int, default=None, help="seeds per method")
     demo.add_argument("--rebuild-checkpoints", action="store_true",
                       help="train the teacher and the student's warm start here instead of using the committed builds")
     for sp in (serve,):

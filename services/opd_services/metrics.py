@@ -17,6 +17,9 @@ REQUEST_LATENCY = Histogram("opd_request_latency_seconds", "Request latency, rec
 SCORED_TOKENS = Counter("opd_scored_tokens_total", "Tokens scored (positions >= score_from)", ["experiment"])
 GENERATED_TOKENS = Counter("opd_generated_tokens_total", "Tokens sampled by the teacher (POST /v1/generate)", ["experiment"])
 TEACHER_SECONDS = Counter("opd_teacher_seconds_total", "Engine seconds spent, shared out by tokens", ["experiment"])
+TEACHER_ENGINE_SECONDS = Counter("opd_teacher_engine_seconds_total",
+                                 "Engine seconds spent, by work: score (forward passes) or generate (decoding)",
+                                 ["experiment", "kind"])
 BATCH_SEQUENCES = Histogram("opd_batch_sequences", "Sequences per engine batch",
                             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
 BATCH_TOKENS = Histogram("opd_batch_tokens", "Padded tokens per engine batch",

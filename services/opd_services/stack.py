@@ -126,6 +126,18 @@ class LocalStack:
             raise RuntimeError(f"`opd train` ({role}) exited with {rc}; its log ends with:\n{_tail(self.procs[role][1])}")
         return subprocess.CompletedProcess(proc.args, rc)
 
+    def engine_seconds(self) -> dict[str, float]:
+        """The teacher's own engine seconds so far, by kind (score, generate), summed over
+        experiments: read from its /metrics (opd_teacher_engine_seconds_total)."""
+        from prometheus_client.parser import text_string_to_metric_families
+        out = {"score": 0.0, "generate": 0.0}
+        text = httpx.get(f"{self.teacher_http}/metrics", timeout=10).text
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                if s.name == "opd_teacher_engine_seconds_total":
+                    out[s.labels["kind"]] = out.get(s.labels["kind"], 0.0) + s.value
+        return out
+
     def stop(self) -> None:
         for role in ("scorer", "teacher"):
             if role in self.procs and self.procs[role][0].poll() is None:

@@ -7,8 +7,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from opd_client.losses import (forward_kl_topk_loss, generalized_jsd, jsd_topk_loss,  # noqa: E402
-                               reverse_kl_pg_loss, token_logprobs)
+from opd_client.losses import (LOG_EPS, dense_teacher_logprobs, forward_kl_topk_loss,  # noqa: E402
+                               full_divergence_loss, generalized_jsd, jsd_topk_loss, reverse_kl_pg_loss,
+                               token_logprobs)
 
 V = 11
 
@@ -172,3 +173,97 @@ def test_reverse_kl_pg_baseline_keeps_the_expected_gradient():
                                      lp_V.detach().exp()[:, None], baseline=baseline)
             grads.append(torch.autograd.grad(out.loss, logits)[0])
         assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_reverse_kl_pg_normalise_rescales_the_step_only():
+    """normalise divides by the advantages' std: the gradient's direction is kept (with the
+    baseline, whose expectation is unchanged), its size is not."""
+    logits_N_V, teacher_N_V = _dists(7)
+    logits = logits_N_V[0].clone().requires_grad_(True)
+    lp_V = torch.log_softmax(logits, -1)
+    w = lp_V.detach().exp()[:, None]
+    plain = reverse_kl_pg_loss(lp_V[:, None], lp_V.detach()[:, None], teacher_N_V[0][:, None], w, baseline=True)
+    norm = reverse_kl_pg_loss(lp_V[:, None], lp_V.detach()[:, None], teacher_N_V[0][:, None], w, baseline=True,
+                              normalise=True)
+    (g1,) = torch.autograd.grad(plain.loss, logits, retain_graph=True)
+    (g2,) = torch.autograd.grad(norm.loss, logits)
+    adv = -(lp_V.detach() - teacher_N_V[0])
+    centred = adv - (adv * w[:, 0]).sum()
+    std = float(((centred ** 2) * w[:, 0]).sum().sqrt())
+    assert torch.allclose(g2 * std, g1, atol=1e-6)
+
+
+def test_reverse_kl_pg_default_is_plain_importance_sampling():
+    """The published recipe: no clipping, so a stale token's gradient is ratio * advantage."""
+    lp = torch.tensor([[-1.0, -1.0]], requires_grad=True)
+    beh = torch.tensor([[-1.5, -0.5]])
+    teacher = beh + torch.tensor([[1.0, -1.0]])
+    out = reverse_kl_pg_loss(lp, beh, teacher, torch.ones(1, 2))
+    (g,) = torch.autograd.grad(out.loss, lp)
+    assert torch.allclose(g, -(torch.exp(lp.detach() - beh) * (teacher - beh)) / 2, atol=1e-6)
+    assert out.metrics["clip_frac"] == 0.0
+
+
+def _full_ref(kind: str, lp_V: torch.Tensor, lq_V: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
+    """Brute force in float64 over the whole vocabulary, with autograd through lq."""
+    p, q = lp_V.exp(), lq_V.exp()
+    if kind == "fkl":
+        return (p * (lp_V - lq_V)).sum()
+    if kind == "rkl":
+        return (q * (lq_V - lp_V)).sum()
+    m = beta * p + (1 - beta) * q
+    return beta * (p * (lp_V - m.log())).sum() + (1 - beta) * (q * (lq_V - m.log())).sum()
+
+
+@pytest.mark.parametrize("kind,beta", [("fkl", 0.5), ("rkl", 0.5), ("jsd", 0.5), ("jsd", 0.1), ("jsd", 0.9)])
+def test_full_divergence_value_and_gradient_match_brute_force(kind, beta):
+    logits_N_V, teacher_N_V = _dists(8)
+    x = logits_N_V.clone().requires_grad_(True)
+    top_lp, top_ids = teacher_N_V.topk(V, -1)            # the whole vocabulary, shuffled by rank
+    dense = dense_teacher_logprobs(top_ids[None], top_lp[None], V)[0]
+    assert torch.allclose(dense.double(), teacher_N_V, atol=1e-6)
+    out = full_divergence_loss(torch.log_softmax(x, -1)[None], dense[None], torch.ones(1, x.shape[0]),
+                               kind=kind, beta=beta)
+    (g,) = torch.autograd.grad(out.loss, x)
+    y = logits_N_V.clone().requires_grad_(True)
+    lq = torch.log_softmax(y, -1)
+    ref = torch.stack([_full_ref(kind, teacher_N_V[n], lq[n], beta) for n in range(y.shape[0])]).mean()
+    (g_ref,) = torch.autograd.grad(ref, y)
+    assert float(out.loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-5, abs=1e-6)
+    assert torch.allclose(g.double(), g_ref, atol=1e-5)
+
+
+def test_full_reverse_kl_gradient_is_the_expected_sampled_token_gradient():
+    """rkl-full is the analytic counterpart of the sampled-token PG loss: same expected gradient."""
+    logits_N_V, teacher_N_V = _dists(9)
+    for n in range(logits_N_V.shape[0]):
+        x = logits_N_V[n].clone().requires_grad_(True)
+        full = full_divergence_loss(torch.log_softmax(x, -1)[None, None], teacher_N_V[n][None, None],
+                                    torch.ones(1, 1), kind="rkl")
+        (g_full,) = torch.autograd.grad(full.loss, x)
+        y = logits_N_V[n].clone().requires_grad_(True)
+        lp_V = torch.log_softmax(y, -1)
+        pg = reverse_kl_pg_loss(lp_V[:, None], lp_V.detach()[:, None], teacher_N_V[n][:, None],
+                                lp_V.detach().exp()[:, None])
+        (g_pg,) = torch.autograd.grad(pg.loss, y)
+        assert torch.allclose(g_full.double(), g_pg.double(), atol=1e-5)
+
+
+def test_dense_teacher_spreads_the_tail_over_the_ids_not_returned():
+    _, teacher_N_V = _dists(10, n=2)
+    top_lp, top_ids = teacher_N_V.topk(3, -1)
+    dense = dense_teacher_logprobs(top_ids[None], top_lp[None], V)[0].double()
+    assert torch.allclose(dense.exp().sum(-1), torch.ones(2, dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(dense.gather(-1, top_ids), top_lp, atol=1e-6)
+    rest = torch.ones_like(dense, dtype=torch.bool).scatter_(-1, top_ids, False)
+    tail = (1 - top_lp.exp().sum(-1)) / (V - 3)
+    assert torch.allclose(dense[rest].view(2, V - 3).exp(), tail[:, None].expand(2, V - 3), atol=1e-6)
+    # a teacher that returned all of its mass: the others get exp(LOG_EPS), no NaN
+    one_hot = torch.tensor([[[0.0]]])
+    assert float(dense_teacher_logprobs(torch.tensor([[[4]]]), one_hot, V)[0, 0, 0]) == pytest.approx(LOG_EPS - math.log(V - 1))
+
+
+def test_full_divergence_rejects_an_unknown_kind():
+    lq = torch.log_softmax(torch.randn(1, 1, V), -1)
+    with pytest.raises(ValueError, match="kind"):
+        full_divergence_loss(lq, lq, torch.ones(1, 1), kind="tvd")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -78,6 +79,10 @@ EQUALS = TOKENIZER.encode("=")[0]
 @dataclass(frozen=True)
 class AdditionTask:
     n_digits: int = 12
+    name: ClassVar[str] = "addition"
+    metric_name: ClassVar[str] = "exact match"
+    eval_temperature: ClassVar[float] = 0.0     # the metric decodes greedily
+    stop_ids: ClassVar[tuple[int, ...]] = (EOS,)
 
     @property
     def prompt_len(self) -> int:

@@ -1,11 +1,17 @@
-"""The demo's two checkpoints, trained by our own code on CPU and cached: the teacher and the
-student's warm start, both HF-format Llamas with the addition task's character tokenizer.
+"""Each task's two checkpoints, trained by our own code on CPU and cached: the teacher and the
+student's warm start (the shared SFT checkpoint both methods continue from), HF-format Llamas
+with the task's tokenizer.
 
+addition
     teacher   hidden 64, 2 layers, ~109k parameters, SFT on correct completions (>= 95% exact match)
     student   hidden 32, 2 layers, ~25k parameters (< 1/4 of the teacher), a short SFT that
               stops once a dev set (not the held-out set) reaches 25% exact match: it has
               learnt the format and the digit sums but still drops carries, so it starts well
               below the teacher with its errors compounding over the 25 completion tokens
+walks
+    teacher   hidden 32, 1 layer, ~21k parameters, 1,500 SFT steps on uniform random walks
+    student   hidden 8, 1 layer, ~1.7k parameters (its logits have rank <= 8), a short SFT on
+              reference walks that stops once a dev set reaches 15% valid walks
 
 Each is built once per cache directory (a progress bar shows the training), from its seed and
 recipe, and written atomically with `opd_build.json` (recipe, held-out accuracy, build time).
@@ -22,18 +28,36 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from opd_services.tasks.addition import DEFAULT_TASK, TOKENIZER, VOCAB_SIZE
 from opd_services.modeling.checkpoints import LlamaShape, llama_config, save_atomically
-from opd_services.tasks.train import SFTRecipe, eval_operands, exact_match, sft_train
+from opd_services.tasks import get_task
+from opd_services.tasks.addition import TOKENIZER as CHARS, VOCAB_SIZE
+from opd_services.tasks.train import SFTRecipe, eval_operands, held_out_metric, sft_train
+from opd_services.tasks.walks import TOKENIZER as NODES
 
-VERSIONS = {"teacher": 2, "student": 3}    # bump one when its recipe changes: it is built anew
-TEACHER_SHAPE = LlamaShape(VOCAB_SIZE, 64, 2, 2, 2, 176, 64)
-STUDENT_SHAPE = LlamaShape(VOCAB_SIZE, 32, 2, 1, 1, 64, 64)
-TEACHER_RECIPE = SFTRecipe(steps=2000, batch=64, lr=3e-3, seed=0)
-STUDENT_RECIPE = SFTRecipe(steps=4000, batch=64, lr=3e-3, seed=1, stop_at=0.25, decay=False)
+
+@dataclass(frozen=True)
+class ModelSpec:
+    shape: LlamaShape
+    recipe: SFTRecipe
+    version: int                 # bump when the recipe changes: it is built anew
+
+
+SPECS = {
+    ("addition", "teacher"): ModelSpec(LlamaShape(VOCAB_SIZE, 64, 2, 2, 2, 176, 64),
+                                       SFTRecipe(steps=2000, batch=64, lr=3e-3, seed=0), 2),
+    ("addition", "student"): ModelSpec(LlamaShape(VOCAB_SIZE, 32, 2, 1, 1, 64, 64),
+                                       SFTRecipe(steps=4000, batch=64, lr=3e-3, seed=1, stop_at=0.25, decay=False), 3),
+    ("walks", "teacher"): ModelSpec(LlamaShape(VOCAB_SIZE, 32, 1, 2, 2, 128, 80),
+                                    SFTRecipe(steps=1500, batch=64, lr=3e-3, seed=0), 1),
+    ("walks", "student"): ModelSpec(LlamaShape(VOCAB_SIZE, 8, 1, 1, 1, 16, 80),
+                                    SFTRecipe(steps=3000, batch=64, lr=3e-3, seed=1, stop_at=0.15, decay=False), 1),
+}
+TOKENIZERS = {"addition": CHARS, "walks": NODES}
+TEACHER_SHAPE = SPECS["addition", "teacher"].shape
+STUDENT_SHAPE = SPECS["addition", "student"].shape
 BUILD_FILE = "opd_build.json"
 
 
@@ -44,27 +68,29 @@ def n_params(shape: LlamaShape) -> int:
     return n * (attn + 3 * h * f + 2 * h) + 2 * v * h + h
 
 
-def build_trained(path: Path, shape: LlamaShape, recipe: SFTRecipe, desc: str, version: int = 0) -> Path:
-    """Train a fresh model on the addition task per `recipe`, unless `path` holds it already."""
+def build_trained(path: Path, shape: LlamaShape, recipe: SFTRecipe, desc: str, version: int = 0,
+                  task_name: str = "addition") -> Path:
+    """Train a fresh model on the task per `recipe`, unless `path` holds it already."""
     if (path / "config.json").exists():
         return path
     import torch
     from tqdm.auto import tqdm
     from transformers import LlamaForCausalLM
 
+    task = get_task(task_name)
     torch.manual_seed(recipe.seed)
     model = LlamaForCausalLM(llama_config(shape))
     t0 = time.perf_counter()
     with tqdm(total=recipe.steps, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True) as bar:
-        losses = sft_train(model, DEFAULT_TASK, recipe, progress=bar)
-    acc = exact_match(model, DEFAULT_TASK, eval_operands(DEFAULT_TASK))
-    info = {"task": asdict(DEFAULT_TASK), "shape": asdict(shape), "recipe": asdict(recipe),
+        losses = sft_train(model, task, recipe, progress=bar)
+    acc = held_out_metric(model, task, eval_operands(task))
+    info = {"task": {"name": task.name, **asdict(task)}, "shape": asdict(shape), "recipe": asdict(recipe),
             "recipe_version": version, "params": sum(p.numel() for p in model.parameters()),
-            "final_loss": losses[-1], "eval_exact_match": acc, "build_seconds": round(time.perf_counter() - t0, 1)}
-    print(f"{desc}: held-out exact match {acc:.1%} ({info['build_seconds']}s)", file=sys.stderr, flush=True)
+            "final_loss": losses[-1], "eval_metric": acc, "build_seconds": round(time.perf_counter() - t0, 1)}
+    print(f"{desc}: held-out {task.metric_name} {acc:.1%} ({info['build_seconds']}s)", file=sys.stderr, flush=True)
 
     def extra(tmp: Path) -> None:
-        TOKENIZER.save(tmp)
+        TOKENIZERS[task.name].save(tmp)
         (tmp / BUILD_FILE).write_text(json.dumps(info, indent=1))
     return save_atomically(model.eval(), path, extra)
 
@@ -91,29 +117,30 @@ def _from_prebuilt(path: Path) -> bool:
     return True
 
 
-def _get(cache_dir, role: str, shape: LlamaShape, recipe: SFTRecipe, desc: str, rebuild: bool) -> Path:
-    path = _dir(cache_dir, role, shape, recipe)
+def _get(cache_dir, task: str, role: str, desc: str, rebuild: bool) -> Path:
+    get_task(task)
+    spec = SPECS[task, role]
+    path = _dir(cache_dir, task, role, spec)
     if rebuild:   # trained here, beside (never over) a copy of the committed build
         path = path.with_name(path.name + "-rebuilt")
     else:
         _from_prebuilt(path)
-    return build_trained(path, shape, recipe, desc, VERSIONS[role])
+    return build_trained(path, spec.shape, spec.recipe, desc, spec.version, task)
 
 
-def _dir(cache_dir: str | Path, role: str, shape: LlamaShape, recipe: SFTRecipe) -> Path:
-    return Path(cache_dir) / "models" / f"addition-{role}-{shape.tag}-r{VERSIONS[role]}-s{recipe.seed}"
+def _dir(cache_dir: str | Path, task: str, role: str, spec: ModelSpec) -> Path:
+    return Path(cache_dir) / "models" / f"{task}-{role}-{spec.shape.tag}-r{spec.version}-s{spec.recipe.seed}"
 
 
-def task_teacher(cache_dir: str | Path, *, rebuild: bool = False) -> Path:
-    """The demo teacher: the committed build (prebuilt/) copied into the cache, or trained here
+def task_teacher(cache_dir: str | Path, *, task: str = "addition", rebuild: bool = False) -> Path:
+    """The task's teacher: the committed build (prebuilt/) copied into the cache, or trained here
     (`rebuild=True`, or no committed build of this recipe: 2-5 min on 2 busy CPU cores)."""
-    return _get(cache_dir, "teacher", TEACHER_SHAPE, TEACHER_RECIPE, "building the demo teacher (once; cached)", rebuild)
+    return _get(cache_dir, task, "teacher", f"building the {task} teacher (once; cached)", rebuild)
 
 
-def task_student(cache_dir: str | Path, *, rebuild: bool = False) -> Path:
-    """The student's warm start (short SFT, well below the teacher); committed or trained here."""
-    return _get(cache_dir, "student", STUDENT_SHAPE, STUDENT_RECIPE,
-                "building the demo student's warm start (once; cached)", rebuild)
+def task_student(cache_dir: str | Path, *, task: str = "addition", rebuild: bool = False) -> Path:
+    """The task's student warm start (short SFT, well below the teacher); committed or trained here."""
+    return _get(cache_dir, task, "student", f"building the {task} student's warm start (once; cached)", rebuild)
 
 
 def build_info(model_dir: str | Path) -> dict:

@@ -1,8 +1,10 @@
-"""Supervised training and exact-match evaluation of small Llamas on the addition task.
+"""Supervised training and held-out evaluation of small Llamas on a synthetic task.
 
-Used to build the demo's checkpoints (the teacher; the student's short warm start) and by the
-reference trainer's evaluation. Batches are fixed-length (every problem has the same shape),
-so there is no padding. This module does not talk to the teacher service or the queue.
+Used to build the tasks' checkpoints (the teacher; the student's short warm start) and by the
+reference trainer's evaluation. Works for any task of `opd_services.tasks.TASKS`: batches are
+fixed-length (every problem of a task has the same shape), so there is no padding. The metric
+decodes at the task's `eval_temperature` (greedy exact match for addition; sampled, with a
+fixed seed, valid walks for walks). This module does not talk to the teacher service or the queue.
 """
 from __future__ import annotations
 
@@ -12,7 +14,6 @@ import numpy as np
 import torch
 
 from opd_services.modeling.sampling import SampleParams, sample
-from opd_services.tasks.addition import EOS, AdditionTask
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ def lr_lambda(recipe: SFTRecipe):
     return f
 
 
-def correct_batch(task: AdditionTask, rng: np.random.Generator, n: int) -> torch.Tensor:
+def correct_batch(task, rng: np.random.Generator, n: int) -> torch.Tensor:
     """[n, prompt_len + completion_len] token ids of problems with their correct completions."""
     ops = task.sample_operands(rng, n)
     return torch.from_numpy(np.concatenate([task.prompts(ops), task.completions(ops)], axis=1))
@@ -53,7 +54,7 @@ def sft_step(model, opt, seq_B_L: torch.Tensor, prompt_len: int, sched=None) -> 
     return float(loss.detach())
 
 
-def sft_train(model, task: AdditionTask, recipe: SFTRecipe, progress=None) -> list[float]:
+def sft_train(model, task, recipe: SFTRecipe, progress=None) -> list[float]:
     """Train on correct completions for recipe.steps steps; returns the loss per step."""
     torch.manual_seed(recipe.seed)
     rng = np.random.default_rng(recipe.seed)
@@ -67,26 +68,28 @@ def sft_train(model, task: AdditionTask, recipe: SFTRecipe, progress=None) -> li
         if progress is not None:
             progress.update(1)
             progress.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
-        if dev is not None and (step + 1) % 50 == 0 and exact_match(model, task, dev) >= recipe.stop_at:
+        if dev is not None and (step + 1) % 50 == 0 and held_out_metric(model, task, dev) >= recipe.stop_at:
             break
     model.eval()
     return losses
 
 
-def eval_operands(task: AdditionTask, n: int = 512, seed: int = 10_001) -> np.ndarray:
+def eval_operands(task, n: int = 512, seed: int = 10_001) -> np.ndarray:
     """The held-out set: fixed seed, and the 'eval' parity split (never in training)."""
     return task.sample_operands(np.random.default_rng(seed), n, split="eval")
 
 
 @torch.no_grad()
-def exact_match(model, task: AdditionTask, operands: np.ndarray, batch: int = 512) -> float:
-    """Greedy-decode every held-out prompt and grade it: the share solved exactly."""
+def held_out_metric(model, task, operands: np.ndarray, batch: int = 512, seed: int = 1234) -> float:
+    """Decode every held-out prompt at the task's eval temperature (seeded) and grade it: the
+    share graded correct (exact match for addition, valid walks for walks)."""
     was_training = model.training
     model.eval()
     ok = 0
     prompts = task.prompts(operands)
-    params = SampleParams(max_tokens=task.completion_len, temperature=0.0, stop_ids=(EOS,))
     for lo in range(0, len(prompts), batch):
+        params = SampleParams(max_tokens=task.completion_len, temperature=task.eval_temperature,
+                              stop_ids=task.stop_ids, seed=seed + lo)
         out = sample(model, list(prompts[lo:lo + batch]), params)
         ok += int(task.grade(operands[lo:lo + batch], [s.token_ids_T for s in out]).sum())
     model.train(was_training)

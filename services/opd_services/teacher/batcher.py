@@ -61,6 +61,7 @@ class _Job:
     experiment: str
     n_tokens: int
     cancelled: bool = False
+    kind: str = "generate"         # the engine-seconds label: what the job spends its time on
 
 
 WINDOW_BATCHES = 4   # how far past the anchor's tag (in batches of virtual time) fill may reach
@@ -113,10 +114,11 @@ class Batcher:
         finally:
             metrics.INFLIGHT_TOKENS.dec(tokens)
 
-    async def call(self, fn: Callable[[Engine], Any], n_tokens: int, experiment: str = "default") -> Any:
+    async def call(self, fn: Callable[[Engine], Any], n_tokens: int, experiment: str = "default",
+                   kind: str = "generate") -> Any:
         """Run fn(engine) on the engine thread (between batches) and return its result."""
         loop = asyncio.get_running_loop()
-        job = _Job(fn, loop.create_future(), loop, experiment, n_tokens)
+        job = _Job(fn, loop.create_future(), loop, experiment, n_tokens, kind)
         with self._cond:
             if self._stopping:
                 raise Unavailable("the teacher is shutting down; retry on another replica")
@@ -211,6 +213,7 @@ class Batcher:
         elapsed = time.perf_counter() - t0
         metrics.FORWARD_SECONDS.observe(elapsed)
         metrics.TEACHER_SECONDS.labels(job.experiment).inc(elapsed)
+        metrics.TEACHER_ENGINE_SECONDS.labels(job.experiment, job.kind).inc(elapsed)
         if self.on_engine_time:
             self.on_engine_time(job.experiment, elapsed)
 
@@ -291,6 +294,7 @@ class Batcher:
         for p in batch:
             share = elapsed * p.item.n_tokens / real
             metrics.TEACHER_SECONDS.labels(p.experiment).inc(share)
+            metrics.TEACHER_ENGINE_SECONDS.labels(p.experiment, "score").inc(share)
             if self.on_engine_time:
                 self.on_engine_time(p.experiment, share)
 

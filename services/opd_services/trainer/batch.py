@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from opd_client.losses import (LossOutput, forward_kl_topk_loss, jsd_topk_loss, reverse_kl_pg_loss, sft_loss,
-                               token_logprobs)
+from opd_client.losses import (LossOutput, dense_teacher_logprobs, forward_kl_topk_loss, full_divergence_loss,
+                               jsd_topk_loss, reverse_kl_pg_loss, sft_loss, token_logprobs)
 from opd_client.types import ScoredRollout
 from opd_services.tasks.addition import PAD
 
@@ -85,17 +85,22 @@ def student_logprobs(model, batch: Batch) -> torch.Tensor:
     return torch.log_softmax(logits_B_L_V.gather(1, idx).float(), -1)
 
 
-def compute_loss(model, batch: Batch, loss: str, *, clip_eps: float = 0.2, beta: float = 0.5,
-                 baseline: bool = True) -> LossOutput:
+def compute_loss(model, batch: Batch, loss: str, *, clip_eps: float = 0.0, beta: float = 0.5,
+                 baseline: bool = False, normalise: bool = False) -> LossOutput:
+    """loss: sft | rkl (sampled-token reverse KL as a PG advantage) | fkl, jsd (teacher top-k + tail)
+    | fkl-full, rkl-full, jsd-full (whole-vocabulary divergences, GKD; top_k up to V)."""
     lp_B_T_V = student_logprobs(model, batch)
     lp_B_T = lp_B_T_V.gather(-1, batch.targets_B_T[..., None])[..., 0]
     if loss == "sft":
         return sft_loss(lp_B_T, batch.mask_B_T)
     if loss == "rkl":
         return reverse_kl_pg_loss(lp_B_T, batch.behaviour_B_T, batch.teacher_B_T, batch.mask_B_T, clip_eps=clip_eps,
-                                  baseline=baseline)
+                                  baseline=baseline, normalise=normalise)
     if batch.top_ids_B_T_K is None:
         raise ValueError(f"the {loss} loss needs the teacher's top-k: sample rollouts with top_k > 0")
+    if loss.endswith("-full"):
+        teacher_B_T_V = dense_teacher_logprobs(batch.top_ids_B_T_K, batch.top_lp_B_T_K, lp_B_T_V.shape[-1])
+        return full_divergence_loss(lp_B_T_V, teacher_B_T_V, batch.mask_B_T, kind=loss[:-5], beta=beta)
     out = (forward_kl_topk_loss(lp_B_T_V, batch.top_ids_B_T_K, batch.top_lp_B_T_K, batch.mask_B_T) if loss == "fkl"
            else jsd_topk_loss(lp_B_T_V, batch.top_ids_B_T_K, batch.top_lp_B_T_K, batch.mask_B_T, beta=beta))
     with torch.no_grad():   # the sampled-token reverse KL estimate, comparable across losses

@@ -23,16 +23,21 @@ def add_parser(sub) -> None:
     p.add_argument("--redis-url", help="OPD_REDIS_URL: the Redis your `opd scorer` reads (queue mode)")
     p.add_argument("--direct", action="store_true", help="score with the teacher directly, without the queue")
     p.add_argument("--experiment", default="demo", help="experiment name (queue keys opd:{NAME}:*)")
-    p.add_argument("--mode", default="opd", choices=["opd", "sft"], help="opd, or sft on teacher samples (baseline)")
-    p.add_argument("--loss", default="rkl", choices=["rkl", "fkl", "jsd"], help="OPD loss")
-    p.add_argument("--top-k", type=int, default=8, help="teacher top-k for fkl / jsd")
+    p.add_argument("--task", default="addition", help="the task: addition | walks (opd_services.tasks)")
+    p.add_argument("--mode", default="opd", help="opd, or sft on teacher samples (baseline)")
+    p.add_argument("--loss", default="rkl", help="OPD loss: rkl (sampled-token reverse KL, the published recipe) | "
+                   "fkl | jsd (teacher top-k + tail) | rkl-full | fkl-full | jsd-full (whole vocabulary)")
+    p.add_argument("--top-k", type=int, default=8, help="teacher top-k for the top-k and -full losses (up to V)")
     p.add_argument("--beta", type=float, default=0.5, help="JSD beta")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--teacher-tokens", type=int, default=0, help="stop after this many teacher tokens (0 = no limit)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="rollouts (or teacher samples) per step")
+    p.add_argument("--group-size", type=int, default=1, help="samples per prompt (divides --batch-size)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--no-baseline", action="store_true", help="rkl: do not subtract the batch-mean advantage")
+    p.add_argument("--baseline", action="store_true", help="rkl: subtract the batch-mean advantage (off, as published)")
+    p.add_argument("--normalise", action="store_true", help="rkl: divide advantages by their std (off, as published)")
+    p.add_argument("--clip-eps", type=float, default=0.0, help="rkl: PPO clip of the ratio (0 = plain IS, published)")
     p.add_argument("--prefetch", type=int, default=1, help="queue mode: batches sampled ahead of the step")
     p.add_argument("--max-staleness", type=int, default=4)
     p.add_argument("--eval-every", type=int, default=10)
@@ -53,16 +58,20 @@ def config_from(args: argparse.Namespace):
     if not args.direct and args.mode == "opd" and not settings.redis_url:
         raise ConfigError("queue mode needs --redis-url / OPD_REDIS_URL (the Redis your `opd scorer` reads); "
                           "or pass --direct to call the teacher without the queue")
+    from opd_services.tasks import TASKS
+    if args.task not in TASKS:     # before building a default student for it
+        raise ConfigError(f"--task={args.task!r}: must be one of {tuple(TASKS)}")
     student = args.student
     if student is None:
         from opd_services.tasks.models import task_student
-        student = task_student(settings.cache_dir)
+        student = task_student(settings.cache_dir, task=args.task)
     return TrainConfig(
-        student=Path(student), out=Path(args.out), teacher_url=settings.teacher_url, redis_url=settings.redis_url,
-        teacher_tls=settings.client_tls(),
+        student=Path(student), out=Path(args.out), task=args.task, teacher_url=settings.teacher_url,
+        redis_url=settings.redis_url, teacher_tls=settings.client_tls(),
         direct=args.direct, experiment=args.experiment, mode=args.mode, loss=args.loss, top_k=args.top_k,
-        beta=args.beta, steps=args.steps, teacher_tokens=args.teacher_tokens, batch_size=args.batch_size, lr=args.lr,
-        temperature=args.temperature, baseline=not args.no_baseline, prefetch=args.prefetch, max_staleness=args.max_staleness,
+        beta=args.beta, steps=args.steps, teacher_tokens=args.teacher_tokens, batch_size=args.batch_size,
+        group_size=args.group_size, lr=args.lr, clip_eps=args.clip_eps, temperature=args.temperature,
+        baseline=args.baseline, normalise=args.normalise, prefetch=args.prefetch, max_staleness=args.max_staleness,
         eval_every=args.eval_every, eval_size=args.eval_size, checkpoint_every=args.checkpoint_every, seed=args.seed,
         metrics_port=settings.trainer_metrics_port, progress=not args.no_progress)
 

@@ -1,15 +1,16 @@
 """The training loop of `opd train`, spelled out step by step.
 
     1) keep `prefetch + 1` batches of student rollouts in flight (sampled by the current
-       policy; their version is the step that sampled them)
+       policy; their version is the step that sampled them; group_size samples per prompt)
     2) take one scored batch (queue or direct); drop rollouts staler than max_staleness
        (and any another run of the experiment left behind)
-    3) loss (reverse KL as PG advantage, or top-k forward KL / JSD), optimizer step
+    3) loss (reverse KL as a per-token advantage with an importance ratio, or top-k + tail
+       forward KL / JSD, or a full-distribution KL / JSD), optimizer step
     4) ack the scored entries (only now: a crash before this leaves them to be reclaimed)
     5) metrics, progress; every eval_every steps a held-out exact-match eval
 The SFT baseline replaces 1-2 with teacher samples (POST /v1/generate).
 The run stops at `steps` or once `teacher_tokens` teacher tokens were used, checkpoints
-and writes history.json (eval points: step, teacher tokens, wall time, accuracy).
+and writes history.json (eval points: step, teacher tokens, wall time, the task's metric).
 This module does not start the teacher, the scorer or Redis.
 """
 from __future__ import annotations
@@ -25,8 +26,9 @@ import numpy as np
 import torch
 
 from opd_services import metrics
-from opd_services.tasks.addition import DEFAULT_TASK, TOKENIZER
-from opd_services.tasks.train import eval_operands, exact_match
+from opd_services.tasks import get_task
+from opd_services.tasks.models import TOKENIZERS
+from opd_services.tasks.train import eval_operands, held_out_metric
 from opd_services.trainer.batch import compute_loss, scored_batch, sequence_batch
 from opd_services.trainer.config import TrainConfig
 from opd_services.trainer.sources import DirectScores, QueueScores, TeacherSamples, new_run_id, sample_rollouts
@@ -51,7 +53,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         from transformers import AutoModelForCausalLM
         self.cfg = cfg
-        self.task = DEFAULT_TASK
+        self.task = get_task(cfg.task)
         torch.manual_seed(cfg.seed)
         self.rng = np.random.default_rng(cfg.seed)
         self.model = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32).train()
@@ -103,9 +105,14 @@ class Trainer:
     def _budget_spent(self) -> bool:
         return bool(self.cfg.teacher_tokens) and self.teacher_tokens >= self.cfg.teacher_tokens
 
+    def _problems(self) -> np.ndarray:
+        """batch_size problems: batch_size / group_size prompts, each repeated group_size times."""
+        cfg = self.cfg
+        return np.repeat(self.task.sample_operands(self.rng, cfg.batch_size // cfg.group_size), cfg.group_size, axis=0)
+
     def _rollouts(self):
         cfg = self.cfg
-        ops = self.task.sample_operands(self.rng, cfg.batch_size)
+        ops = self._problems()
         top_k = 0 if cfg.loss == "rkl" else cfg.top_k
         return sample_rollouts(self.model, self.task, ops, version=self.step, temperature=cfg.temperature,
                                top_k=top_k, seed=int(self.rng.integers(2**62)), run=self.run_id)
@@ -133,7 +140,7 @@ class Trainer:
         return out, int(sum(s.rollout.n_scored for s in scored))
 
     def _sft_step(self, source: TeacherSamples):
-        ops = self.task.sample_operands(self.rng, self.cfg.batch_size)
+        ops = self._problems()
         seqs, start, n_tok, revision = source.sample(self.task, ops, self.cfg.temperature,
                                                      seed=int(self.rng.integers(2**62)))
         self._check_revision(revision)
@@ -141,7 +148,7 @@ class Trainer:
 
     def _optimize(self, batch, loss: str):
         out = compute_loss(self.model, batch, loss, clip_eps=self.cfg.clip_eps, beta=self.cfg.beta,
-                           baseline=self.cfg.baseline)
+                           baseline=self.cfg.baseline, normalise=self.cfg.normalise)
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -159,11 +166,11 @@ class Trainer:
     # ---- eval, records, checkpoints -------------------------------------------------------
 
     def evaluate(self) -> float:
-        acc = exact_match(self.model, self.task, self.eval_ops)
+        acc = held_out_metric(self.model, self.task, self.eval_ops)
         self.history.evals.append({"step": self.step, "teacher_tokens": self.teacher_tokens,
                                    "wall_s": round(time.perf_counter() - self.t0, 2), "accuracy": acc})
         metrics.TRAINER_EVAL_ACCURACY.labels(*self.labels).set(acc)
-        log.info("step %d: held-out exact match %.3f (teacher tokens %d)", self.step, acc, self.teacher_tokens)
+        log.info("step %d: held-out metric %.3f (teacher tokens %d)", self.step, acc, self.teacher_tokens)
         self.history.write(self.cfg.out / "history.json")
         return acc
 
@@ -187,7 +194,7 @@ class Trainer:
     def checkpoint(self) -> Path:
         path = self.cfg.out / "checkpoint"
         self.model.save_pretrained(path, safe_serialization=True)
-        TOKENIZER.save(path)
+        TOKENIZERS[self.task.name].save(path)
         self.history.write(self.cfg.out / "history.json")
         return path
 

@@ -16,14 +16,14 @@ import numpy as np
 from opd_client import TLS, Sequence, TeacherClient
 from opd_client.types import Rollout, ScoredRollout
 from opd_services.modeling.sampling import SampleParams, sample
-from opd_services.tasks.addition import EOS, AdditionTask
 
 
-def sample_rollouts(model, task: AdditionTask, operands: np.ndarray, *, version: int, temperature: float,
+def sample_rollouts(model, task, operands: np.ndarray, *, version: int, temperature: float,
                     top_k: int, seed: int, run: str) -> list[Rollout]:
     """The student's own completions, with the logprob of every sampled token (behaviour policy)."""
     prompts = task.prompts(operands)
-    params = SampleParams(max_tokens=task.completion_len, temperature=temperature, stop_ids=(EOS,), seed=seed)
+    params = SampleParams(max_tokens=task.completion_len, temperature=temperature, stop_ids=task.stop_ids,
+                          seed=seed)
     was_training = model.training
     model.eval()
     out = sample(model, list(prompts), params)
@@ -106,11 +106,11 @@ class TeacherSamples:
     def __init__(self, teacher_url: str, tls: TLS | None = None):
         self.client = TeacherClient(teacher_url, tls=tls)
 
-    def sample(self, task: AdditionTask, operands: np.ndarray, temperature: float, seed: int):
+    def sample(self, task, operands: np.ndarray, temperature: float, seed: int):
         """([prompt + completion] sequences, prompt length, teacher tokens generated)."""
         prompts = task.prompts(operands)
         resp = self.client.generate([p.tolist() for p in prompts], max_tokens=task.completion_len,
-                                    temperature=temperature, stop_ids=[EOS], seed=seed)
+                                    temperature=temperature, stop_ids=list(task.stop_ids), seed=seed)
         seqs = [np.concatenate([p, r.token_ids_T]) for p, r in zip(prompts, resp.results)]
         return seqs, task.prompt_len, resp.usage.generated_tokens, resp.model.revision
 

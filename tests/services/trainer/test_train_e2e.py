@@ -12,9 +12,9 @@ from opd_services.stack import LocalStack
 
 TRAIN = ["--batch-size", "32", "--lr", "3e-2", "--eval-every", "100", "--eval-size", "16", "--no-progress"]
 STEPS = {"rkl": 40, "fkl": 30}
-# rkl runs without the batch-mean baseline here: with it the surrogate loss is ~0 by construction
-# (mean-centred advantages) and only the reverse KL shows progress; without it, loss ~ reverse KL.
-EXTRA = {"rkl": ["--no-baseline"], "fkl": []}
+# rkl runs without the batch-mean baseline (the default, as published): with it the surrogate loss is ~0
+# by construction (mean-centred advantages) and only the reverse KL shows progress.
+EXTRA = {"rkl": [], "fkl": []}
 
 
 def _drop(history: dict, key: str) -> tuple[float, float]:
@@ -72,9 +72,17 @@ def test_train_refuses_bad_flags(tmp_path, random_student):
     cases = [(["--direct", "--loss", "fkl", "--top-k", "0"], "--top-k"),
              (["--direct", "--beta", "1.5"], "--beta"),
              (["--direct", "--student", str(tmp_path)], "--student"),
+             (["--direct", "--loss", "kl"], "--loss"),
+             (["--direct", "--lr", "0"], "--lr"),
+             (["--direct", "--lr=-1e-3"], "--lr"),
+             (["--direct", "--group-size", "0"], "--group-size"),
+             (["--direct", "--group-size", "3"], "--group-size"),     # does not divide --batch-size 64
+             (["--direct", "--task", "sorting"], "--task"),
+             (["--direct", "--mode", "rl"], "--mode"),
              ([], "--redis-url")]
     for extra, flag in cases:
         args = ["--out", str(tmp_path / "x"), "--student", str(random_student), *extra]
         r = subprocess.run([sys.executable, "-m", "opd_services.cli", "train", *args], capture_output=True, text=True,
-                           timeout=60)
+                           timeout=180)
         assert r.returncode == 2 and flag in r.stderr, (extra, r.stderr[-500:])
+        assert len(r.stderr.strip().splitlines()) == 1, (extra, r.stderr[-500:])      # one line, naming the flag
