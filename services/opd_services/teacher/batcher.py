@@ -118,7 +118,7 @@ class Batcher:
                    kind: str = "generate") -> Any:
         """Run fn(engine) on the engine thread (between batches) and return its result."""
         loop = asyncio.get_running_loop()
-        job = _Job(fn, loop.create_future(), loop, experiment, n_tokens, kind)
+        job = _Job(fn, loop.create_future(), loop, experiment, n_tokens, kind=kind)
         with self._cond:
             if self._stopping:
                 raise Unavailable("the teacher is shutting down; retry on another replica")
