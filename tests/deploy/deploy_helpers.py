@@ -167,7 +167,7 @@ def sample_names(registry) -> set[str]:
 def k8s_writable_paths(workload: str) -> list[str]:
     """mountPaths of a k8s/base workload's first container that are not read-only: with
     readOnlyRootFilesystem, the only places the process may write."""
-    base = [d for path in sorted((REPO / "k8s" / "base").glob("*.yaml")) for d in yaml.safe_load_all(path.read_text()) if d]
+    base = [d for path in sorted((REPO / "k8s" / "base").rglob("*.yaml")) for d in yaml.safe_load_all(path.read_text()) if d]
     (doc,) = [d for d in base if d.get("kind") in WORKLOADS and d["metadata"]["name"] == workload]
     container = doc["spec"]["template"]["spec"]["containers"][0]
     assert container.get("securityContext", {}).get("readOnlyRootFilesystem") is True, workload
