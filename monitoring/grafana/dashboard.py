@@ -58,6 +58,14 @@ def teacher_panels() -> list[dict]:
               "s", desc="Per-experiment cost/latency: engine time shared out by tokens, per 1000 scored tokens."),
         panel("Teacher time share per experiment", [q(f"sum by (experiment) (rate(opd_teacher_seconds_total{{{EXP}}}[{RI}]))", "{{experiment}}")],
               "s", desc="Engine seconds per second used by each experiment (fair share at work).", stack=True),
+        panel("Teacher engine seconds/s by experiment and kind",
+              [q(f"sum by (experiment, kind) (rate(opd_teacher_engine_seconds_total{{{EXP}}}[{RI}]))", "{{experiment}} {{kind}}")],
+              "s", desc="Engine time spent scoring (kind=score) and sampling (kind=generate) for each experiment: "
+                        "what a distillation run costs the teacher."),
+        panel("Cancelled requests/s per experiment",
+              [q(f"sum by (experiment) (rate(opd_requests_cancelled_total{{{EXP}}}[{RI}])) or vector(0)", "{{experiment}}")],
+              "reqps", desc="Callers that gave up (gRPC deadline, HTTP disconnect) before their sequences ran: "
+                            "their queued work was dropped, not scored for nobody."),
         panel("Rejections/s per experiment and reason",
               [q(f"sum by (experiment, reason) (rate(opd_rejections_total{{{EXP}}}[{RI}]))", "{{experiment}} {{reason}}")],
               "reqps", desc="Refused before scoring: quota (429, the experiment is over its in-flight tokens), "

@@ -97,7 +97,11 @@ def stack(tmp_path_factory, cache_dir):
                 "OPD_HTTP_PORT": str(s.ports["http"]), "OPD_GRPC_PORT": str(s.ports["grpc"])})
             _wait(f"http://127.0.0.1:{s.ports['http']}/readyz", s, "teacher")
             teacher = f"grpc://127.0.0.1:{s.ports['grpc']}"
-            s.start("scorer", [*py, "scorer"], {"OPD_REDIS_URL": redis.url, "OPD_TEACHER_URL": teacher,
+            # the scorer sees the teacher as two replicas (two names of one server) and compares
+            # every batch on both, so the replica-agreement panels and alerts have series
+            replicas = f"grpc://127.0.0.1:{s.ports['grpc']},localhost:{s.ports['grpc']}"
+            s.start("scorer", [*py, "scorer"], {"OPD_REDIS_URL": redis.url, "OPD_TEACHER_URL": replicas,
+                                                "OPD_REPLICA_CHECK_RATE": "1",
                                                 "OPD_SCORER_METRICS_PORT": str(s.ports["scorer"]),
                                                 "OPD_SCORER_GAUGES_S": "0.5", "OPD_SCORER_BATCH_SIZE": "8",
                                                 "OPD_QUEUE_RECLAIM_IDLE_S": "2"})

@@ -72,6 +72,7 @@ class Batcher:
                  batching: bool = True, on_engine_time: Callable[[str, float], None] | None = None):
         self.engine = engine
         self.max_batch_tokens = max_batch_tokens
+        metrics.CANCELLED.labels("default")     # exported (at 0) from start-up, before any cancellation
         self.batch_wait_s = batch_wait_ms / 1000
         self.batching = batching
         self.on_engine_time = on_engine_time     # (experiment, seconds): called on the engine thread
