@@ -192,7 +192,11 @@ def test_memory_stays_bounded_under_distinct_prompts(cache_dir):
     assert cache.bytes <= 64 << 20 and len(cache) < 1000
     grown, late = rss_bytes() - base, rss_bytes() - half
     assert grown <= (64 << 20) + (64 << 20), f"RSS grew {grown / 2**20:.0f} MB"
-    assert late <= 16 << 20, f"RSS grew {late / 2**20:.0f} MB over the last 500 prompts, cache full"
+    # unbounded, the last 500 prompts would add 500 entries (> 96 MB, by the first assert); bounded,
+    # only the allocator's churn remains (17 MB seen once on a loaded CI machine): a third of the
+    # unbounded growth tells the two apart without flaking on fragmentation
+    assert late <= 500 * entry_bytes // 3, \
+        f"RSS grew {late / 2**20:.0f} MB over the last 500 prompts, cache full (unbounded: {500 * entry_bytes / 2**20:.0f} MB)"
 
 
 def test_both_surfaces_return_unshared_numbers(teacher, unshared):
