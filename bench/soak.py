@@ -140,9 +140,15 @@ class Soak:
 
     # ---- processes ----------------------------------------------------------------------------
 
-    def sample(self, teacher_pid: int, scorer: list) -> None:
+    def sample(self, teacher_pid: int, scorer: list, metrics_url: str) -> None:
         while not self.stop.wait(5.0):
             row = {"t": time.monotonic() - self.t0}
+            try:        # the prefix cache is bounded memory by design: sampled, so RSS can be read beside it
+                text = httpx.get(metrics_url, timeout=10).text
+                row["prefix_cache_mb"] = sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
+                                             if ln.startswith("opd_prefix_cache_bytes{")) / 2**20
+            except (httpx.HTTPError, ValueError, IndexError) as e:
+                self.error("metrics", e)
             for name, pid in (("teacher", teacher_pid), ("scorer", scorer[0].pid)):
                 try:
                     p = psutil.Process(pid)
@@ -209,12 +215,17 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--out", default=str(HERE / "soak"), help="writes OUT.png and OUT.json")
+    ap.add_argument("--prefix-cache-mb", default="32",
+                    help="the teacher's OPD_PREFIX_CACHE_MB. The default, 32, fills within the first minute (~35 MB of prefixes a minute here), so "
+                         "RSS growth after it measures leaks; 'machine' leaves it unset (1/16 of RAM, up to 2 GB), "
+                         "and RSS then grows as the cache fills, by design")
     args = ap.parse_args()
     soak = Soak(args.minutes)
     with EmbeddedRedis() as redis:
         reg = Registry(connect(redis.url))
         keys = {e: reg.create(e).api_key for e in EXPERIMENTS}
-        with TeacherProcess(OPD_REDIS_URL=redis.url, OPD_ADMIN_KEY=ADMIN, OPD_AUTH="on") as t:
+        cache = {} if args.prefix_cache_mb == "machine" else {"OPD_PREFIX_CACHE_MB": args.prefix_cache_mb}
+        with TeacherProcess(OPD_REDIS_URL=redis.url, OPD_ADMIN_KEY=ADMIN, OPD_AUTH="on", **cache) as t:
             with TeacherClient(t.http_url, api_key=keys[EXPERIMENTS[0]]) as c:
                 vocab = c.model().vocab_size
             scorer = [start_scorer(t.grpc_url, redis.url)]
@@ -222,7 +233,7 @@ def main() -> int:
             drained = threading.Event()
             threads = [threading.Thread(target=soak.produce, args=(redis.url, e, vocab)) for e in EXPERIMENTS]
             threads += [threading.Thread(target=soak.consume, args=(redis.url, e, drained)) for e in EXPERIMENTS]
-            threads += [threading.Thread(target=soak.sample, args=(t.proc.pid, scorer))]
+            threads += [threading.Thread(target=soak.sample, args=(t.proc.pid, scorer, t.http_url + "/metrics"))]
             restarts = [0]
             threads += [threading.Thread(target=lambda: restarts.__setitem__(0, restart_scorers(
                 soak, scorer, t.grpc_url, redis.url)))]
@@ -251,6 +262,7 @@ def main() -> int:
     out = Path(args.out)
     per_minute = plot(soak.latency, out.with_suffix(".png"))
     t_rss, s_fd = growth(soak.samples, "teacher_rss_mb"), growth(soak.samples, "teacher_fds")
+    cache_mb = growth(soak.samples, "prefix_cache_mb")
     sc = soak.scorer_rss
     sc_growth = sc[-1] / sc[0] - 1 if len(sc) >= 2 else float("nan")
     lost = sum(soak.pushed.values()) - sum(soak.consumed.values())
@@ -258,6 +270,7 @@ def main() -> int:
     report = {"minutes": args.minutes, "requests": dict(soak.requests), "pushed": sum(soak.pushed.values()),
               "consumed": sum(soak.consumed.values()), "dead": dead, "errors": dict(soak.errors),
               "scorer_restarts": restarts[0], "teacher_rss_mb_after_1min_and_end": t_rss[:2],
+              "prefix_cache_mb_after_1min_and_end": cache_mb[:2], "prefix_cache_mb_setting": args.prefix_cache_mb,
               "teacher_fds_after_1min_and_end": s_fd[:2], "scorer_rss_mb_before_each_restart": sc,
               "per_minute": per_minute, "samples": soak.samples}
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
@@ -267,6 +280,8 @@ def main() -> int:
         fds[int(r["t"] // 60) + 1].append(r.get("teacher_fds"))
     print("teacher open fds per minute (min..max):",
           " ".join(f"{m}:{min(v)}..{max(v)}" for m, v in sorted(fds.items()) if None not in v))
+    print(f"prefix cache (OPD_PREFIX_CACHE_MB={args.prefix_cache_mb}) after minute 1 -> end: "
+          f"{cache_mb[0]:.1f} -> {cache_mb[1]:.1f} MB; teacher RSS {t_rss[0]:.1f} -> {t_rss[1]:.1f} MB")
     for r in per_minute:
         print(f"minute {r['minute']:>2}: {r['n']:>6} scores  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms")
     checks = [line("errors (clients, queue, scorer exits)", errors, "== 0", errors == 0),

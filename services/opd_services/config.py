@@ -63,6 +63,7 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="How long a non-full batch waits, from its first request, for more (a burst of small concurrent requests then becomes one batch; measured in bench/scoring.py R2).")
     batching: bool = Field(True, description="Merge concurrent requests into batches (off only to measure its effect).")
     prefix_sharing: bool = Field(True, description="torch engine: sequences of a batch that share a prefix run it once (off only to measure its effect).")
+    cpu_onednn: bool = Field(True, description="torch engine on CPU, float32: linear layers run oneDNN's matmul instead of torch's default (MKL, which leaves AVX-512 unused on AMD CPUs: 1.6x slower forward measured here); off only to compare.")
     prefix_cache_mb: float | None = Field(None, ge=0, description="torch engine: budget of the prefix KV cache across requests (LRU, activations only, keyed by the token block); unset = sized for the machine (1/16 of RAM up to 2048 MB on CPU, 1/10 of the GPU's memory on CUDA); 0 = off.")
 
     # --- lifecycle ---

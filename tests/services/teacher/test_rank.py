@@ -7,11 +7,14 @@ import pytest
 import torch
 
 from opd_services.teacher.engines.base import ScoreItem
+from opd_services.teacher.engines import torch_engine
 from opd_services.teacher.engines.torch_engine import TorchEngine, _rank
 
 
+@pytest.mark.parametrize("block", [1 << 19, 3 * 128])       # one block; blocks of 3 rows, the last one short
 @pytest.mark.parametrize("k", [0, 1, 3, 20])
-def test_rank_against_a_full_count(k):
+def test_rank_against_a_full_count(k, block, monkeypatch):
+    monkeypatch.setattr(torch_engine, "COUNT_BLOCK", block)
     g = torch.Generator().manual_seed(k)
     logits = torch.randn(400, 128, generator=g)
     logits[:60, :6] = 1.5                                      # ties at the top

@@ -1,4 +1,5 @@
-"""Torch engine vs a float64 log-softmax reference over the full vocabulary."""
+"""Torch engine vs a float64 log-softmax reference over the full vocabulary (a float64 copy of the
+model run by torch's own linears, so the engine's oneDNN linears are checked against it too)."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from opd_services.teacher.engines.base import ScoreItem
-from opd_services.teacher.engines.torch_engine import TorchEngine
+from opd_services.teacher.engines.torch_engine import OneDnnLinear, TorchEngine, use_onednn_linears
 
 TOL = 1e-4
 
@@ -16,10 +17,16 @@ def engine(tiny_model):
     return TorchEngine(tiny_model, device="cpu", dtype="float32", max_top_k=20)
 
 
-def reference(engine: TorchEngine, ids: np.ndarray, s: int, temperature: float) -> np.ndarray:
+@pytest.fixture(scope="module")
+def model64(tiny_model):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float64).eval()
+
+
+def reference(model64, ids: np.ndarray, s: int, temperature: float) -> np.ndarray:
     """log p(token | prefix) for every vocab entry at positions [s, L), float64: [T, V]."""
     with torch.inference_mode():
-        logits = engine.model(input_ids=torch.from_numpy(ids)[None]).logits[0].double()
+        logits = model64(input_ids=torch.from_numpy(ids)[None]).logits[0]
     return torch.log_softmax(logits[s - 1:-1] / temperature, dim=-1).numpy()
 
 
@@ -35,12 +42,12 @@ def random_items(rng, n, vocab, *, top_k=0, temperature=1.0, entropy=False, cand
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 2.5])
-def test_matches_float64_reference_with_padding(engine, temperature):
+def test_matches_float64_reference_with_padding(engine, model64, temperature):
     rng = np.random.default_rng(0)
     items = random_items(rng, 12, engine.vocab_size, top_k=5, temperature=temperature, entropy=True, cands=3)
     results = engine.score(items)      # one padded batch of mixed lengths
     for it, r in zip(items, results):
-        ref_T_V = reference(engine, it.token_ids, it.score_from, temperature)
+        ref_T_V = reference(model64, it.token_ids, it.score_from, temperature)
         t = np.arange(it.n_scored)
         np.testing.assert_allclose(r.logprobs_T, ref_T_V[t, it.token_ids[it.score_from:]], atol=TOL, rtol=0)
         order = np.argsort(-ref_T_V, axis=1)[:, :5]
@@ -67,7 +74,7 @@ def test_padding_does_not_change_results(engine):
         np.testing.assert_allclose(b.entropy_T, single.entropy_T, atol=TOL, rtol=0)
 
 
-def test_mixed_options_in_one_batch(engine):
+def test_mixed_options_in_one_batch(engine, model64):
     """Items with different top_k / temperature / candidates / entropy share one batch."""
     rng = np.random.default_rng(2)
     items = (random_items(rng, 3, engine.vocab_size, top_k=0, temperature=1.0)
@@ -75,7 +82,7 @@ def test_mixed_options_in_one_batch(engine):
              + random_items(rng, 3, engine.vocab_size, top_k=2, temperature=3.0, entropy=True))
     results = engine.score(items)
     for it, r in zip(items, results):
-        ref_T_V = reference(engine, it.token_ids, it.score_from, it.temperature)
+        ref_T_V = reference(model64, it.token_ids, it.score_from, it.temperature)
         np.testing.assert_allclose(r.logprobs_T, ref_T_V[np.arange(it.n_scored), it.token_ids[it.score_from:]],
                                    atol=TOL, rtol=0)
         assert (r.top_ids_T_K is None) == (it.top_k == 0)
@@ -104,3 +111,37 @@ def test_model_identity(engine, tiny_model):
     assert info.revision.startswith("sha256:") and len(info.revision) == 7 + 64
     # the revision is a function of the files: same dir, same hash
     assert TorchEngine(tiny_model, device="cpu").info.revision == info.revision
+
+
+def test_cpu_linears_run_onednn_and_agree_with_torch_default(engine, tiny_model):
+    """On CPU in float32 every linear (body and LM head) runs oneDNN; OPD_CPU_ONEDNN=false keeps
+    torch's default, and both give the same numbers within float32 rounding."""
+    assert engine.onednn
+    linears = [m for m in engine.model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is OneDnnLinear for m in linears) and type(engine.head) is OneDnnLinear
+    plain = TorchEngine(tiny_model, device="cpu", dtype="float32", max_top_k=20, cpu_onednn=False)
+    assert not plain.onednn and not any(type(m) is OneDnnLinear for m in plain.model.modules())
+    items = random_items(np.random.default_rng(4), 8, engine.vocab_size, top_k=5, entropy=True)
+    for a, b in zip(engine.score(items), plain.score(items)):
+        np.testing.assert_allclose(a.logprobs_T, b.logprobs_T, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(a.top_logprobs_T_K, b.top_logprobs_T_K, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(a.entropy_T, b.entropy_T, atol=1e-5, rtol=0)
+    # generation runs the same swapped modules
+    from opd_services.teacher.engines.base import GenerateItem
+    from opd_services.modeling.sampling import SampleParams
+    item = GenerateItem([np.array([1, 2, 3])], SampleParams(max_tokens=6, temperature=1.0, seed=3))
+    (a,), (b,) = engine.generate(item), plain.generate(item)
+    assert a.token_ids_T.shape == (6,)
+    np.testing.assert_array_equal(a.token_ids_T, b.token_ids_T)     # a 1e-6 logit change does not move a seeded draw
+
+
+def test_onednn_linears_only_for_float32_on_cpu():
+    """Other dtypes keep torch's linears (the swap is for float32 CPU inference)."""
+    bf16 = torch.nn.Sequential(torch.nn.Linear(8, 4)).to(torch.bfloat16)
+    assert not use_onednn_linears(bf16) and type(bf16[0]) is torch.nn.Linear
+    f32 = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    x = torch.randn(5, 8)
+    want = f32(x)
+    assert use_onednn_linears(f32) and all(type(f32[i]) is OneDnnLinear for i in (0, 2))
+    with torch.inference_mode():
+        torch.testing.assert_close(f32(x), want.detach(), rtol=1e-5, atol=1e-6)

@@ -36,7 +36,8 @@ def engine_factory(settings: Settings) -> Callable[[], Engine]:
         if cache_mb is None:
             cache_mb = default_prefix_cache_mb(pick_device(settings.device).type == "cuda")
         return TorchEngine(path, device=settings.device, dtype=settings.dtype, max_top_k=settings.max_top_k,
-                           prefix_cache_mb=cache_mb, share_prefixes=settings.prefix_sharing)
+                           prefix_cache_mb=cache_mb, share_prefixes=settings.prefix_sharing,
+                           cpu_onednn=settings.cpu_onednn)
     return build
 
 

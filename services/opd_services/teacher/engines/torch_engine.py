@@ -29,6 +29,47 @@ from opd_services.teacher.engines.prefix import PrefixCache, export_metrics, sha
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 64 << 20   # float32 logits per LM-head chunk
+COUNT_BLOCK = 1 << 19    # logits per block when counting a token's rank on CPU (its mask fits in cache)
+
+
+class OneDnnLinear(torch.nn.Linear):
+    """nn.Linear whose forward is oneDNN's matmul, for inference on CPU. torch's CPU default for a
+    float32 matmul is MKL, which runs an AVX2 path on AMD CPUs: on this repository's 2-core AMD VM
+    oneDNN does the body-heavy bench model's linears 2.2-2.7x faster (430 vs 160-195 GFLOP/s) and
+    its whole forward 1.6x (bench/RESULTS.md, "Prefix-shared scoring"); vLLM's CPU backend uses
+    oneDNN too. Same weights, same module (its class is swapped in place); results differ from
+    MKL's by float32 rounding (~3e-6 on unit-scale outputs)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+def use_onednn_linears(model: torch.nn.Module) -> bool:
+    """Swap every nn.Linear of a float32 CPU model to OneDnnLinear, if oneDNN is there and agrees
+    with torch's own matmul on a probe; False (nothing changed) otherwise. Inference only: the op
+    has no autograd, so only the teacher's engine uses it."""
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    if not linears or linears[0].weight.device.type != "cpu" or linears[0].weight.dtype != torch.float32:
+        return False
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        log.warning("torch engine: oneDNN is not available in this torch build; linears use torch's default")
+        return False
+    probe = linears[0]
+    x = torch.randn(3, 5, probe.in_features, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.inference_mode():
+            want = probe(x)
+            got = torch.ops.mkldnn._linear_pointwise(x, probe.weight, probe.bias, "none", [], "")
+        ok = got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+    except RuntimeError as e:
+        log.warning("torch engine: oneDNN linear failed its probe (%s); linears use torch's default", e)
+        return False
+    if not ok:
+        log.warning("torch engine: oneDNN linear disagrees with torch's matmul on a probe; linears use torch's default")
+        return False
+    for m in linears:
+        m.__class__ = OneDnnLinear
+    return True
 
 
 def pick_device(device: str) -> torch.device:
@@ -46,13 +87,14 @@ def pick_dtype(dtype: str, device: torch.device, model_dir: str | Path) -> torch
 class TorchEngine:
     def __init__(self, model_dir: str | Path, *, device: str = "auto", dtype: str = "auto",
                  max_top_k: int = 20, name: str | None = None, prefix_cache_mb: float = 0,
-                 share_prefixes: bool = True):
+                 share_prefixes: bool = True, cpu_onednn: bool = True):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device, model_dir)
         config = AutoConfig.from_pretrained(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype).to(self.device).eval()
+        self.onednn = cpu_onednn and use_onednn_linears(self.model)
         self.body = self.model.base_model
         self.head = self.model.get_output_embeddings()
         self.vocab_size = int(self.head.weight.shape[0])
@@ -67,9 +109,9 @@ class TorchEngine:
             dtype=str(self.dtype).removeprefix("torch."), revision=revision_hash(model_dir),
             vocab_size=self.vocab_size, max_model_len=int(getattr(config, "max_position_embeddings", 4096)),
             max_top_k=max_top_k)
-        log.info("torch engine: %s on %s (%s), vocab %d, prefix sharing %s, prefix cache %s MB", self.info.name,
-                 self.device, self.info.dtype, self.vocab_size, "on" if share_prefixes else "off",
-                 prefix_cache_mb if self.prefix_cache else 0)
+        log.info("torch engine: %s on %s (%s), vocab %d, prefix sharing %s, prefix cache %s MB, linears %s",
+                 self.info.name, self.device, self.info.dtype, self.vocab_size, "on" if share_prefixes else "off",
+                 prefix_cache_mb if self.prefix_cache else 0, "oneDNN" if self.onednn else "torch default")
 
     def close(self) -> None:
         self.model = self.body = self.head = None
@@ -164,26 +206,26 @@ class TorchEngine:
 
 def _rank(logits_n_V: torch.Tensor, target_n: torch.Tensor, top_vals_n_K: torch.Tensor | None) -> torch.Tensor:
     """1 + #(logits > the actual token's). A token at or above the k-th top value has every
-    strictly larger logit inside the top-k, so only the other rows need the full-vocabulary count;
-    when most rows need it, all rows are counted in place (no copy of the chunk's rows)."""
-    if top_vals_n_K is None:
+    strictly larger logit inside the top-k, so the full-vocabulary count is needed only when some
+    row's token lies outside its top-k."""
+    if top_vals_n_K is None or bool((target_n < top_vals_n_K[:, -1]).any()):
         return _count_greater(logits_n_V, target_n) + 1
-    rank_n = (top_vals_n_K > target_n[:, None]).sum(-1) + 1
-    outside_n = target_n < top_vals_n_K[:, -1]
-    n_out = int(outside_n.sum())
-    if n_out * 4 > outside_n.numel():
-        rank_n = torch.where(outside_n, _count_greater(logits_n_V, target_n) + 1, rank_n)
-    elif n_out:
-        rows = outside_n.nonzero()[:, 0]
-        rank_n[rows] = _count_greater(logits_n_V[rows], target_n[rows]) + 1
-    return rank_n
+    return (top_vals_n_K > target_n[:, None]).sum(-1) + 1
 
 
 def _count_greater(logits_n_V: torch.Tensor, target_n: torch.Tensor) -> torch.Tensor:
-    """#(logits > target) per row, as a float32 matrix-vector product with ones: BLAS reduces it
-    ~1.5x faster than a boolean sum on CPU, and it is exact (counts < 2^24, any real vocabulary)."""
-    ones_V = torch.ones(logits_n_V.shape[1], dtype=torch.float32, device=logits_n_V.device)
-    return torch.mv((logits_n_V > target_n[:, None]).to(torch.float32), ones_V).to(torch.int64)
+    """#(logits > target) per row. On CPU in blocks of rows of ~512k logits, so that each block's
+    comparison mask (one byte per logit) stays in cache while it is summed: ~6x faster than one
+    mask over the whole 64 MB chunk (bench/RESULTS.md, "Dialects"); exact for any vocabulary."""
+    if logits_n_V.device.type != "cpu":
+        return (logits_n_V > target_n[:, None]).sum(-1)
+    n, v = logits_n_V.shape
+    step = max(1, COUNT_BLOCK // v)
+    out_n = torch.empty(n, dtype=torch.int64)
+    for lo in range(0, n, step):
+        mask = logits_n_V[lo:lo + step] > target_n[lo:lo + step, None]
+        out_n[lo:lo + step] = mask.view(torch.uint8).sum(-1, dtype=torch.int32)
+    return out_n
 
 
 class _Rows:
