@@ -27,7 +27,7 @@ from opd_services.errors import ConfigError
 class DemoPlan:
     out: Path = Path("demo-out")
     task: str = "walks"
-    steps: int = 60                  # optimizer steps per run (every method)
+    steps: int = 100                 # optimizer steps per run (every method)
     batch_size: int = 64
     group_size: int = 4              # samples per prompt (the published recipe uses 4)
     losses: tuple[str, ...] = ("rkl", "rkl-full")
