@@ -34,6 +34,7 @@ import orjson  # noqa: E402
 
 from opd_client import TeacherClient  # noqa: E402
 from opd_client.types import Rollout, ScoredRollout, Sequence  # noqa: E402
+from opd_services.metrics import scrape_sum  # noqa: E402
 from opd_services.redis_embed import EmbeddedRedis, free_port  # noqa: E402
 
 LENGTH, SCORE_FROM = 256, 32
@@ -228,12 +229,6 @@ def q3(redis_url: str, n: int = 1000) -> None:
           f"(JSON / binary = {sizes['json'] / sizes['binary']:.1f}x)")
 
 
-def _scored_tokens(http_port: int) -> float:
-    import urllib.request
-    text = urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10).read().decode()
-    return sum(float(x.rsplit(" ", 1)[1]) for x in text.splitlines() if x.startswith("opd_scored_tokens_total{"))
-
-
 def _fleet_round(redis_url: str, path, replicas: int, args, exp: str) -> tuple[float, list[float]]:
     """Rollouts/s end to end with `replicas` teachers on cores 0..replicas-1; each one's token share."""
     from opd_services.modeling.checkpoints import BENCH_MODEL
@@ -245,7 +240,7 @@ def _fleet_round(redis_url: str, path, replicas: int, args, exp: str) -> tuple[f
         url = "grpc://" + ",".join(f"127.0.0.1:{g}" for g, _ in ports)
         rate = end_to_end(redis_url, url, args.q4_n, BENCH_MODEL.vocab_size, procs=1, loops=args.q4_loops,
                           batch=args.q4_batch, exp=exp)
-        tokens = [_scored_tokens(h) for _, h in ports]
+        tokens = [scrape_sum(f"http://127.0.0.1:{h}/metrics", "opd_scored_tokens_total") for _, h in ports]
     finally:
         for t in teachers:
             t.terminate()

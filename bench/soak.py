@@ -36,6 +36,7 @@ from opd_client import AsyncTeacherClient, TeacherClient  # noqa: E402
 from opd_client.queue import RolloutProducer, ScoredConsumer, dead_key  # noqa: E402
 from opd_client.queue.connection import connect  # noqa: E402
 from opd_client.types import Rollout  # noqa: E402
+from opd_services.metrics import scrape_sum  # noqa: E402
 from opd_services.redis_embed import EmbeddedRedis  # noqa: E402
 from opd_services.teacher.process import TeacherProcess  # noqa: E402
 from opd_services.tenancy.registry import Registry  # noqa: E402
@@ -144,9 +145,7 @@ class Soak:
         while not self.stop.wait(5.0):
             row = {"t": time.monotonic() - self.t0}
             try:        # the prefix cache is bounded memory by design: sampled, so RSS can be read beside it
-                text = httpx.get(metrics_url, timeout=10).text
-                row["prefix_cache_mb"] = sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
-                                             if ln.startswith("opd_prefix_cache_bytes{")) / 2**20
+                row["prefix_cache_mb"] = scrape_sum(metrics_url, "opd_prefix_cache_bytes") / 2**20
             except (httpx.HTTPError, ValueError, IndexError) as e:
                 self.error("metrics", e)
             for name, pid in (("teacher", teacher_pid), ("scorer", scorer[0].pid)):

@@ -63,3 +63,12 @@ TRAINER_LOSS = Gauge("opd_trainer_loss", "Loss of the last step", ["experiment"]
 TRAINER_REVERSE_KL = Gauge("opd_trainer_reverse_kl", "Mean per-token reverse KL(student || teacher) of the last step", ["experiment"])
 TRAINER_TEACHER_TOKENS = Counter("opd_trainer_teacher_tokens_total", "Teacher-scored tokens consumed", ["experiment"])
 TRAINER_EVAL_ACCURACY = Gauge("opd_trainer_eval_accuracy", "Held-out exact-match accuracy", ["experiment"])
+
+
+def scrape_sum(metrics_url: str, name: str) -> float:
+    """The sum of every sample of one metric (all label sets) on a running process's /metrics
+    page: what the benches read from a teacher they started (name as exported, e.g. with _total)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+    text = httpx.get(metrics_url, timeout=10).text
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name)
