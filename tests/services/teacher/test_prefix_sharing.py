@@ -236,3 +236,39 @@ def test_auto_dtype_means_the_same_everywhere(tmp_path):
         assert (auto_dtype(tmp_path, cuda=False), auto_dtype(tmp_path, cuda=True)) == (cpu, cuda), declared
     (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))     # older transformers
     assert auto_dtype(tmp_path, cuda=False) == "bfloat16"
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_prefix_attention_formula_matches_the_cpu_kernel(causal):
+    """`_attention`'s plain formula (used off CPU, where torch's flash kernel does not return the
+    log-sum-exp) against the CPU kernel: the merge of prefix and own attention depends on both."""
+    import torch
+    from opd_services.teacher.engines import prefix
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 4, 9, 8, generator=g) for _ in range(3))
+    kernel = prefix._attention(q, k, v, causal, 0.3)
+    formula = prefix._attention_formula(q, k, v, causal, 0.3)
+    for a, b in zip(kernel, formula):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_sharing_is_off_where_attention_is_not_plain_causal(tmp_path, unshared):
+    """A sliding-window model (Mistral) cannot take the prefix merge: the engine turns sharing
+    off and scores as before."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                                             max_position_embeddings=256, sliding_window=16))
+    model.save_pretrained(tmp_path)
+    engine = TorchEngine(tmp_path, device="cpu", max_top_k=20, prefix_cache_mb=4)
+    assert not engine.share_prefixes and engine.prefix_cache is None
+    items = group(np.random.default_rng(6), 40, 3, top_k=3)
+    ref = []
+    with torch.inference_mode():
+        for it in items:
+            logits = engine.model(input_ids=torch.from_numpy(it.token_ids)[None]).logits[0]
+            ref.append(torch.log_softmax(logits[it.score_from - 1:-1], -1)[np.arange(it.n_scored), it.token_ids[it.score_from:]])
+    for r, want in zip(engine.score(items), ref):
+        np.testing.assert_allclose(r.logprobs_T, want.numpy(), atol=TOL, rtol=0)

@@ -13,8 +13,10 @@ How `shared_hidden` runs a batch:
      16 tokens or under 15% of the sequence are not worth the second pass;
   2) resolve each group's prefix (a lone sequence is a group of one): a cache hit, or
      computed once (on a cached prompt if any) and cached;
-  3) run every sequence's remainder on its prefix's KV in one padded forward (past padding
-     masked, position ids continuing from each prefix's length);
+  3) run every sequence's remainder on its prefix's KV in one forward (position ids continuing
+     from each prefix's length); each layer's attention reads a group's prefix KV once for all
+     its members (no per-member copy) and merges it with the member's own causal attention by
+     log-sum-exp (`_Attend`, installed as the model's attention function by `install`);
   4) assemble right-padded hidden states [B, Lmax, H] exactly as an unshared forward gives
      them, and put new prefixes (capped at the prompt) into the cache.
 Causal attention makes the KV of tokens[:P] a function of tokens[:P] alone, so reuse is exact
@@ -203,48 +205,121 @@ class _Ext:
 
 
 def extend(body, rows: list[tuple[Prefix | None, np.ndarray]], device: torch.device, want_kv: bool) -> list[_Ext]:
-    """Run each row's tokens on its base prefix's KV (or from scratch), all rows in one padded
-    forward: past padded and masked at the right of each base, new tokens right-padded, position
-    ids continuing from each base's length."""
+    """Run each row's tokens on its base prefix's KV (or from scratch), all rows in one forward:
+    new tokens right-padded, position ids continuing from each base's length, and attention
+    reading each distinct base prefix's KV once for all the rows on it (`_Attend`)."""
     base_n = [0 if p is None else p.n for p, _ in rows]
     new_n = [int(c.shape[0]) for _, c in rows]
-    b, past, width = len(rows), max(base_n), max(new_n)
+    b, width = len(rows), max(new_n)
     ids = np.zeros((b, width), dtype=np.int64)
     for r, (_, chunk) in enumerate(rows):
         ids[r, : new_n[r]] = chunk
-    new_mask_B_S = torch.arange(width)[None, :] < torch.tensor(new_n)[:, None]
-    kw = {}
-    if past:
-        from transformers import DynamicCache
-        kw["past_key_values"] = DynamicCache(_padded_past(rows, past))
-        past_mask_B_P = torch.arange(past)[None, :] < torch.tensor(base_n)[:, None]
-        kw["attention_mask"] = torch.cat([past_mask_B_P, new_mask_B_S], 1).long().to(device)
-        kw["position_ids"] = (torch.tensor(base_n)[:, None] + torch.arange(width)[None, :]).to(device)
-    elif min(new_n) != width:
-        kw["attention_mask"] = new_mask_B_S.long().to(device)
-    out = body(input_ids=torch.from_numpy(ids).to(device), use_cache=want_kv or bool(past), **kw)
-    hidden_B_S_H = out.last_hidden_state
-    keys = values = []
-    if want_kv:
-        layers = out.past_key_values.layers
-        keys = [layer.keys[:, :, past:past + width] for layer in layers]
-        values = [layer.values[:, :, past:past + width] for layer in layers]
-    return [_Ext(hidden_B_S_H[r], [k[r] for k in keys], [v[r] for v in values]) for r in range(b)]
+    positions_B_S = (torch.tensor(base_n)[:, None] + torch.arange(width)[None, :]).to(device)
+    ctx = _Attend([p for p, _ in rows], device, want_kv)
+    hidden_B_S_H = body(input_ids=torch.from_numpy(ids).to(device), position_ids=positions_B_S, use_cache=False,
+                        opd_prefix=ctx).last_hidden_state
+    if ctx.calls != body.config.num_hidden_layers:
+        raise RuntimeError(f"prefix attention ran in {ctx.calls} of {body.config.num_hidden_layers} layers")
+    return [_Ext(hidden_B_S_H[r], [k[r] for k in ctx.keys], [v[r] for v in ctx.values]) for r in range(b)]
 
 
-def _padded_past(rows: list[tuple[Prefix | None, np.ndarray]], past: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    ref = next(p for p, _ in rows if p is not None)
-    layers = []
-    for layer in range(len(ref.keys)):
-        heads, _, dim = ref.keys[layer].shape
-        k_B_h_P_d = ref.keys[layer].new_zeros((len(rows), heads, past, dim))
-        v_B_h_P_d = torch.zeros_like(k_B_h_P_d)
-        for r, (p, _) in enumerate(rows):
+ATTENTION = "opd_prefix"
+
+
+def install(model) -> bool:
+    """Route the model's attention through `prefix_attention` (plain SDPA unless a forward passes
+    `opd_prefix`). False, and nothing changed, where the model's attention is not plain causal
+    SDPA (sliding window, logit soft-capping, another implementation): sharing is then off."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+    config = model.config
+    if config._attn_implementation != "sdpa" or getattr(config, "attn_logit_softcapping", None) \
+            or getattr(config, "sliding_window", None) or "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        return False
+    AttentionInterface.register(ATTENTION, prefix_attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    model.set_attn_implementation(ATTENTION)
+    return True
+
+
+def prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, opd_prefix=None, **kw):
+    """transformers attention function: SDPA, or with `opd_prefix` (an `_Attend`) the rows' own
+    causal attention merged with attention over their base prefixes."""
+    if opd_prefix is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kw)
+    if kw.get("sliding_window") or kw.get("softcap"):       # install() keeps such models off this path
+        raise RuntimeError("prefix attention supports plain causal attention only")
+    return opd_prefix.attend(module, query, key, value, scaling), None
+
+
+class _Attend:
+    """One `extend` forward's attention over base prefixes, in every layer. Each distinct prefix
+    is read once for all its rows (their queries stacked), never copied per row: attention over
+    [prefix; own tokens] is the log-sum-exp merge of attention over the prefix (every query sees
+    all of it) and causal attention over the row's own tokens (trailing padding is never seen)."""
+
+    def __init__(self, bases: list[Prefix | None], device: torch.device, want_kv: bool):
+        on: dict[int, tuple[Prefix, list[int]]] = {}
+        for r, p in enumerate(bases):
             if p is not None:
-                k_B_h_P_d[r, :, : p.n] = p.keys[layer]
-                v_B_h_P_d[r, :, : p.n] = p.values[layer]
-        layers.append((k_B_h_P_d, v_B_h_P_d))
-    return layers
+                on.setdefault(id(p), (p, []))[1].append(r)
+        n = len(bases)
+        self.groups = [(p, None if len(rs) == n else torch.tensor(rs, device=device)) for p, rs in on.values()]
+        self.want_kv = want_kv
+        self.keys: list[torch.Tensor] = []        # per layer [B, kv_heads, S, head_dim], when want_kv
+        self.values: list[torch.Tensor] = []
+        self.calls = 0
+
+    def attend(self, module, q_B_h_S_d, k_B_k_S_d, v_B_k_S_d, scale) -> torch.Tensor:
+        self.calls += 1
+        if self.want_kv:
+            self.keys.append(k_B_k_S_d)
+            self.values.append(v_B_k_S_d)
+        rep = getattr(module, "num_key_value_groups", 1)
+        scale = scale if scale is not None else q_B_h_S_d.shape[-1] ** -0.5
+        out_B_h_S_d, lse_B_h_S = _attention(q_B_h_S_d, _heads(k_B_k_S_d, rep), _heads(v_B_k_S_d, rep), True, scale)
+        for prefix, rows in self.groups:
+            q = q_B_h_S_d if rows is None else q_B_h_S_d.index_select(0, rows)
+            n, h, s, d = q.shape
+            kp = _heads(prefix.keys[module.layer_idx][None], rep)
+            vp = _heads(prefix.values[module.layer_idx][None], rep)
+            o, lse = _attention(q.transpose(0, 1).reshape(1, h, n * s, d), kp, vp, False, scale)
+            o_n_h_S_d = o.reshape(h, n, s, d).transpose(0, 1)
+            lse_n_h_S = lse.reshape(h, n, s).transpose(0, 1)
+            own_o = out_B_h_S_d if rows is None else out_B_h_S_d.index_select(0, rows)
+            own_lse = lse_B_h_S if rows is None else lse_B_h_S.index_select(0, rows)
+            top = torch.maximum(own_lse, lse_n_h_S)
+            w_own, w_pre = (own_lse - top).exp_(), (lse_n_h_S - top).exp_()
+            total = w_own + w_pre
+            merged = own_o * (w_own / total)[..., None].to(own_o.dtype)
+            merged += o_n_h_S_d * (w_pre / total)[..., None].to(own_o.dtype)
+            if rows is None:
+                out_B_h_S_d = merged
+            else:
+                out_B_h_S_d.index_copy_(0, rows, merged)
+        return out_B_h_S_d.transpose(1, 2).contiguous()
+
+
+def _heads(kv: torch.Tensor, rep: int) -> torch.Tensor:
+    """GQA: each KV head repeated for its query heads."""
+    return kv if rep == 1 else kv.repeat_interleave(rep, dim=1)
+
+
+def _attention(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T * scale [causal]) v and its log-sum-exp per query, [B, h, S, d] and [B, h, S].
+    On CPU torch's flash kernel; elsewhere the plain formula (materialises the scores)."""
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+    return _attention_formula(q, k, v, causal, scale)
+
+
+def _attention_formula(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    s = (q @ k.transpose(-1, -2)).float() * scale
+    if causal:
+        s.masked_fill_(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    return ((s - lse[..., None]).exp().to(v.dtype) @ v), lse
 
 
 class _Resolved:

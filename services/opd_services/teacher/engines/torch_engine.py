@@ -24,7 +24,7 @@ import torch
 from opd_client.types import ModelInfo
 from opd_services.teacher.engines.base import (GenerateItem, ItemScores, Sampled, ScoreItem, auto_dtype,
                                                revision_hash)
-from opd_services.teacher.engines.prefix import PrefixCache, export_metrics, shared_hidden
+from opd_services.teacher.engines.prefix import PrefixCache, export_metrics, install, shared_hidden
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,10 @@ class TorchEngine:
         self.vocab_size = int(self.head.weight.shape[0])
         self.softcap = getattr(config, "final_logit_softcapping", None)
         self.chunk_rows = max(16, CHUNK_BYTES // (4 * self.vocab_size))
+        if share_prefixes and not install(self.model):
+            log.warning("torch engine: %s's attention is not plain causal SDPA (%s); prefix sharing is off",
+                        Path(model_dir).name, config._attn_implementation)
+            share_prefixes = False
         self.share_prefixes = share_prefixes
         if share_prefixes:
             export_metrics("torch")
