@@ -9,9 +9,10 @@ k = 0 and k = 5. Tokens/s counts every position of every sequence, for both syst
   P4a prompt 512, completion 128, G=8 (target: ours >= 3x vllm serve, body-heavy model)
   P4b prompt 256, completion 256, G=4 (target >= 1.5x)
   P4c prompt 128, completion 1024, G=4 (report; ours must not be slower than ours unshared)
-Systems, each alone in turn: `vllm serve`, `vllm serve --enable-prefix-caching`, our `opd serve`
+Systems: `vllm serve`, then `vllm serve --enable-prefix-caching`, each alone; then our `opd serve`
 (torch engine, gRPC; prefix sharing and the prefix cache on: the defaults) and the same with
-OPD_PREFIX_SHARING=false OPD_PREFIX_CACHE_MB=0 (unshared). Models: BODY_HEAVY (hidden 512,
+OPD_PREFIX_SHARING=false OPD_PREFIX_CACHE_MB=0 (unshared), both up, measured in turn for 3
+rounds (order rotating; the median is reported), so shared / unshared compares like with like. Models: BODY_HEAVY (hidden 512,
 8 layers, 8k vocabulary: LM head ~14% of FLOPs, like a 7B+ teacher) and BENCH_MODEL (32k
 vocabulary, LM head 65%). Every measurement uses prompts of its own (no cache hit from an
 earlier measurement). The shapes are fixed; --groups scales how many groups are sent.
@@ -101,21 +102,31 @@ async def drive(factory, units: list[list[list[int]]], warm: list[list[int]]) ->
         await close()
 
 
-def measure(system: str, factory_for, vocab: int, scale: float, fig: dict, tag: str) -> None:
-    """factory_for(prompt, k) -> a call factory. Fresh prompts per measurement (seeded by its name)."""
+def measure(systems: dict, vocab: int, scale: float, fig: dict, tag: str, rounds: int = 1) -> None:
+    """systems: name -> factory_for(prompt, k) -> a call factory. Fresh prompts per measurement
+    (seeded by its name and round); with several systems, each round runs them in turn, the order
+    rotating, and the figure is the median over rounds (two systems measured minutes apart on a
+    2-core VM differed by 10-20% on the same work)."""
+    names = list(systems)
     for wl, (prompt, completion, g, n) in WORKLOADS.items():
         for k in KS:
             for mode in ("group", "seq"):
-                seed = abs(hash((tag, wl, k, mode))) % 2**32        # same work for every system in this run
-                gs = groups(seed, vocab, prompt, completion, g, max(1, round(n * scale)))
-                units = gs if mode == "group" else [[s] for grp in gs for s in grp]
-                warm = groups(seed + 1, vocab, prompt, completion, 1, 1)[0]
-                key = f"{tag}/{wl}/k{k}/{mode}/{system}"
-                fig[key] = rate = asyncio.run(drive(lambda: factory_for(prompt, k), units, warm))
-                print(f"  {key:<40} {rate:9,.0f} tok/s", flush=True)
+                rates: dict[str, list[float]] = {name: [] for name in names}
+                for r in range(rounds):
+                    seed = abs(hash((tag, wl, k, mode, r))) % 2**32        # same work for every system in this run
+                    gs = groups(seed, vocab, prompt, completion, g, max(1, round(n * scale)))
+                    units = gs if mode == "group" else [[s] for grp in gs for s in grp]
+                    warm = groups(seed + 1, vocab, prompt, completion, 1, 1)[0]
+                    for name in names[r % len(names):] + names[: r % len(names)]:
+                        rates[name].append(asyncio.run(drive(lambda: systems[name](prompt, k), units, warm)))
+                for name in names:
+                    key = f"{tag}/{wl}/k{k}/{mode}/{name}"
+                    fig[key] = rate = float(np.median(rates[name]))
+                    print(f"  {key:<40} {rate:9,.0f} tok/s  (rounds: {', '.join(f'{x:,.0f}' for x in rates[name])})",
+                          flush=True)
 
 
-def run_model(shape: LlamaShape, tag: str, cache, scale: float, fig: dict, peer) -> None:
+def run_model(shape: LlamaShape, tag: str, cache, scale: float, fig: dict, peer, rounds: int) -> None:
     from pathlib import Path
     model = str(cached_random_llama(cache, shape, prefix="bench"))
     name = Path(model).name
@@ -123,13 +134,14 @@ def run_model(shape: LlamaShape, tag: str, cache, scale: float, fig: dict, peer)
     for system, extra in (("vllm-serve", []), ("vllm-serve-pc", ["--enable-prefix-caching"])):
         with peer.load_vllm_peer().VllmServe(model, peer.free_port(), served_name=name, extra=extra,
                             log_path=peer.LOGS / f"p4-{system}.log") as srv:
-            measure(system, lambda p, k: peer_call(srv.url, name, k), shape.vocab_size, scale, fig, tag)
-    for system, env in (("ours", {}), ("ours-unshared", {"OPD_PREFIX_SHARING": "false", "OPD_PREFIX_CACHE_MB": "0"})):
-        srv = peer.OpdServe(model, "torch")
-        srv.env.update(env)
-        with srv:
-            measure(system, lambda p, k: ours_call(f"grpc://127.0.0.1:{srv.grpc}", p, k), shape.vocab_size, scale,
-                    fig, tag)
+            measure({system: lambda p, k: peer_call(srv.url, name, k)}, shape.vocab_size, scale, fig, tag)
+    # ours with and without sharing, both up, measured in turn, so that their ratio is like for like
+    shared, unshared = peer.OpdServe(model, "torch"), peer.OpdServe(model, "torch")
+    unshared.env.update({"OPD_PREFIX_SHARING": "false", "OPD_PREFIX_CACHE_MB": "0"})
+    with shared, unshared:
+        measure({"ours": lambda p, k: ours_call(f"grpc://127.0.0.1:{shared.grpc}", p, k),
+                 "ours-unshared": lambda p, k: ours_call(f"grpc://127.0.0.1:{unshared.grpc}", p, k)},
+                shape.vocab_size, scale, fig, tag, rounds)
 
 
 def report(fig: dict, tags: list[str]) -> list[str]:
@@ -149,10 +161,10 @@ def report(fig: dict, tags: list[str]) -> list[str]:
     return lines
 
 
-def main(peer, models: list[str], scale: float, cache) -> dict:
+def main(peer, models: list[str], scale: float, cache, rounds: int = 3) -> dict:
     fig: dict = {}
     shapes = {"body": BODY_HEAVY, "bench": BENCH_MODEL}
     for tag in models:
-        run_model(shapes[tag], tag, cache, scale, fig, peer)
+        run_model(shapes[tag], tag, cache, scale, fig, peer, rounds)
     print("\n".join(report(fig, models)))
     return fig

@@ -22,6 +22,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from opd_services.teacher.server import TeacherServer
     settings = _settings(args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.malloc_reuse:          # before any thread: a thread keeps the malloc arena it first used
+        from opd_services.memory import reuse_freed_memory
+        reuse_freed_memory()
     asyncio.run(TeacherServer(settings).serve_forever())
     return 0
 

@@ -207,7 +207,13 @@ class _Ext:
 def extend(body, rows: list[tuple[Prefix | None, np.ndarray]], device: torch.device, want_kv: bool) -> list[_Ext]:
     """Run each row's tokens on its base prefix's KV (or from scratch), all rows in one forward:
     new tokens right-padded, position ids continuing from each base's length, and attention
-    reading each distinct base prefix's KV once for all the rows on it (`_Attend`)."""
+    reading each distinct base prefix's KV once for all the rows on it (`_Attend`). Rows run
+    ordered by base, so that each base's rows are one contiguous slice of the batch."""
+    first: dict[int, int] = {}
+    for r, (p, _) in enumerate(rows):
+        first.setdefault(id(p), r)
+    order = sorted(range(len(rows)), key=lambda r: first[id(rows[r][0])])
+    rows = [rows[r] for r in order]
     base_n = [0 if p is None else p.n for p, _ in rows]
     new_n = [int(c.shape[0]) for _, c in rows]
     b, width = len(rows), max(new_n)
@@ -215,12 +221,15 @@ def extend(body, rows: list[tuple[Prefix | None, np.ndarray]], device: torch.dev
     for r, (_, chunk) in enumerate(rows):
         ids[r, : new_n[r]] = chunk
     positions_B_S = (torch.tensor(base_n)[:, None] + torch.arange(width)[None, :]).to(device)
-    ctx = _Attend([p for p, _ in rows], device, want_kv)
+    ctx = _Attend([p for p, _ in rows], want_kv)
     hidden_B_S_H = body(input_ids=torch.from_numpy(ids).to(device), position_ids=positions_B_S, use_cache=False,
                         opd_prefix=ctx).last_hidden_state
     if ctx.calls != body.config.num_hidden_layers:
         raise RuntimeError(f"prefix attention ran in {ctx.calls} of {body.config.num_hidden_layers} layers")
-    return [_Ext(hidden_B_S_H[r], [k[r] for k in ctx.keys], [v[r] for v in ctx.values]) for r in range(b)]
+    out: list[_Ext] = [None] * b        # type: ignore[list-item]
+    for r, orig in enumerate(order):
+        out[orig] = _Ext(hidden_B_S_H[r], [k[r] for k in ctx.keys], [v[r] for v in ctx.values])
+    return out
 
 
 ATTENTION = "opd_prefix"
@@ -259,13 +268,15 @@ class _Attend:
     [prefix; own tokens] is the log-sum-exp merge of attention over the prefix (every query sees
     all of it) and causal attention over the row's own tokens (trailing padding is never seen)."""
 
-    def __init__(self, bases: list[Prefix | None], device: torch.device, want_kv: bool):
-        on: dict[int, tuple[Prefix, list[int]]] = {}
+    def __init__(self, bases: list[Prefix | None], want_kv: bool):
+        self.groups: list[tuple[Prefix, int, int]] = []      # (prefix, first row, end row): rows sorted by base
         for r, p in enumerate(bases):
-            if p is not None:
-                on.setdefault(id(p), (p, []))[1].append(r)
-        n = len(bases)
-        self.groups = [(p, None if len(rs) == n else torch.tensor(rs, device=device)) for p, rs in on.values()]
+            if p is None:
+                continue
+            if self.groups and self.groups[-1][0] is p:
+                self.groups[-1] = (p, self.groups[-1][1], r + 1)
+            else:
+                self.groups.append((p, r, r + 1))
         self.want_kv = want_kv
         self.keys: list[torch.Tensor] = []        # per layer [B, kv_heads, S, head_dim], when want_kv
         self.values: list[torch.Tensor] = []
@@ -279,25 +290,20 @@ class _Attend:
         rep = getattr(module, "num_key_value_groups", 1)
         scale = scale if scale is not None else q_B_h_S_d.shape[-1] ** -0.5
         out_B_h_S_d, lse_B_h_S = _attention(q_B_h_S_d, _heads(k_B_k_S_d, rep), _heads(v_B_k_S_d, rep), True, scale)
-        for prefix, rows in self.groups:
-            q = q_B_h_S_d if rows is None else q_B_h_S_d.index_select(0, rows)
+        for prefix, lo, hi in self.groups:
+            q = q_B_h_S_d[lo:hi]
             n, h, s, d = q.shape
             kp = _heads(prefix.keys[module.layer_idx][None], rep)
             vp = _heads(prefix.values[module.layer_idx][None], rep)
             o, lse = _attention(q.transpose(0, 1).reshape(1, h, n * s, d), kp, vp, False, scale)
-            o_n_h_S_d = o.reshape(h, n, s, d).transpose(0, 1)
-            lse_n_h_S = lse.reshape(h, n, s).transpose(0, 1)
-            own_o = out_B_h_S_d if rows is None else out_B_h_S_d.index_select(0, rows)
-            own_lse = lse_B_h_S if rows is None else lse_B_h_S.index_select(0, rows)
-            top = torch.maximum(own_lse, lse_n_h_S)
-            w_own, w_pre = (own_lse - top).exp_(), (lse_n_h_S - top).exp_()
+            pre_o = o.reshape(h, n, s, d).transpose(0, 1).contiguous()
+            pre_lse = lse.reshape(h, n, s).transpose(0, 1).contiguous()
+            own_o, own_lse = out_B_h_S_d[lo:hi], lse_B_h_S[lo:hi]     # views: merged in place
+            top = torch.maximum(own_lse, pre_lse)
+            w_own, w_pre = (own_lse - top).exp_(), pre_lse.sub_(top).exp_()
             total = w_own + w_pre
-            merged = own_o * (w_own / total)[..., None].to(own_o.dtype)
-            merged += o_n_h_S_d * (w_pre / total)[..., None].to(own_o.dtype)
-            if rows is None:
-                out_B_h_S_d = merged
-            else:
-                out_B_h_S_d.index_copy_(0, rows, merged)
+            own_o.mul_(w_own.div_(total)[..., None].to(own_o.dtype))
+            own_o.add_(pre_o.mul_(w_pre.div_(total)[..., None].to(own_o.dtype)))
         return out_B_h_S_d.transpose(1, 2).contiguous()
 
 
