@@ -128,11 +128,11 @@ def wire_bytes(url_http: str, url_grpc: str | None, model: str, k: int, req) -> 
 # ---- systems ---------------------------------------------------------------------------------
 
 class OpdServe:
-    def __init__(self, model: str, engine: str):
+    def __init__(self, model: str, engine: str, tag: str = ""):
         self.http, self.grpc = free_port(), free_port()
         self.env = {**os.environ, **CPU_ENV_DEFAULTS, "OPD_MODEL": model, "OPD_ENGINE": engine, "OPD_DTYPE": "float32",
                     "OPD_HTTP_PORT": str(self.http), "OPD_GRPC_PORT": str(self.grpc), "OPD_AUTH": "off"}
-        self.log = LOGS / f"opd-serve-{engine}.log"
+        self.log = LOGS / f"opd-serve-{engine}{tag and '-' + tag}.log"      # a tag apiece when several run at once
 
     def __enter__(self):
         self.proc = subprocess.Popen([sys.executable, "-m", "opd_services.cli", "serve"], env=self.env,

@@ -136,7 +136,7 @@ def run_model(shape: LlamaShape, tag: str, cache, scale: float, fig: dict, peer,
                             log_path=peer.LOGS / f"p4-{system}.log") as srv:
             measure({system: lambda p, k: peer_call(srv.url, name, k)}, shape.vocab_size, scale, fig, tag)
     # ours with and without sharing, both up, measured in turn, so that their ratio is like for like
-    shared, unshared = peer.OpdServe(model, "torch"), peer.OpdServe(model, "torch")
+    shared, unshared = peer.OpdServe(model, "torch", "shared"), peer.OpdServe(model, "torch", "unshared")
     unshared.env.update({"OPD_PREFIX_SHARING": "false", "OPD_PREFIX_CACHE_MB": "0"})
     with shared, unshared:
         measure({"ours": lambda p, k: ours_call(f"grpc://127.0.0.1:{shared.grpc}", p, k),

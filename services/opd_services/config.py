@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     batching: bool = Field(True, description="Merge concurrent requests into batches (off only to measure its effect).")
     prefix_sharing: bool = Field(True, description="torch engine: sequences of a batch that share a prefix run it once (off only to measure its effect).")
     cpu_onednn: bool = Field(True, description="torch engine on CPU, float32: linear layers run oneDNN's matmul instead of torch's default (MKL, which leaves AVX-512 unused on AMD CPUs: 1.6x slower forward measured here); off only to compare.")
-    malloc_reuse: bool = Field(True, description="Linux (glibc): `opd serve` sets malloc to reuse freed memory (one arena, no mmap for large blocks, no trimming), so each batch's large activations are not page-faulted in again (a quarter of an unshared forward's time on the 2-core CPU VM); RSS then stays at the peak working set. Off only to compare.")
+    malloc_reuse: bool = Field(True, description="Linux (glibc): `opd serve` sets malloc to reuse freed memory (one arena, no mmap for large blocks, no trimming), so each batch's large activations are not page-faulted in again (a quarter of an unshared forward's time on the 2-core CPU VM); free pages go back to the OS at most once a minute. Off: glibc's defaults.")
     prefix_cache_mb: float | None = Field(None, ge=0, description="torch engine: budget of the prefix KV cache across requests (LRU, activations only, keyed by the token block); unset = sized for the machine (1/16 of RAM up to 2048 MB on CPU, 1/10 of the GPU's memory on CUDA); 0 = off.")
 
     # --- lifecycle ---

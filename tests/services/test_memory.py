@@ -14,8 +14,10 @@ import pytest
 PROBE = """
 import json, resource, sys
 import torch
-from opd_services.memory import reuse_freed_memory
+from opd_services.memory import give_back_free_memory, reuse_freed_memory
 ok = reuse_freed_memory() if sys.argv[1] == "on" else None
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
 torch.set_num_threads(1)
 x = torch.randn(8192, 256); w1 = torch.randn(1024, 256); w2 = torch.randn(256, 1024)
 def forward(x):                       # a decoder's MLP: 32 MB intermediates, made and freed per layer
@@ -26,7 +28,10 @@ forward(x)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(5):
     forward(x)
-print(json.dumps({"ok": ok, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}))
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+held = rss()
+trimmed = give_back_free_memory(every_s=0)
+print(json.dumps({"ok": ok, "faults": faults, "held": held, "trimmed": trimmed, "after_trim": rss()}))
 """
 
 
@@ -47,3 +52,6 @@ def test_freed_activations_are_reused_not_faulted_in_again():
     assert default["faults"] > 5 * 4 * (32 << 20) // 4096, default     # each 32 MB block mapped afresh (4 KB pages)
     assert reuse["ok"] is True
     assert reuse["faults"] < default["faults"] // 20, (default, reuse)
+    # the free memory kept for reuse goes back to the OS when asked (the batcher: once a minute)
+    assert default["trimmed"] is False and reuse["trimmed"] is True
+    assert reuse["held"] - reuse["after_trim"] > 32 << 20, reuse

@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 from opd_services import metrics
 from opd_services.errors import Unavailable
+from opd_services.memory import give_back_free_memory
 from opd_services.teacher.engines.base import MIN_SHARED_PREFIX, Engine, ItemScores, ScoreItem
 
 log = logging.getLogger(__name__)
@@ -198,6 +199,7 @@ class Batcher:
                 for p, r in zip(batch, results):
                     p.loop.call_soon_threadsafe(_resolve, p.future, r)
             self._account(batch, elapsed)
+            give_back_free_memory()        # at most once a minute (opd_services/memory.py)
 
     def _run_job(self, job: _Job) -> None:
         t0 = time.perf_counter()
