@@ -7,10 +7,10 @@ on the 2-core AMD VM (bench/RESULTS.md, "Prefix-shared scoring"), 2.8 GB of page
 unshared P4a batch, a quarter of its time in the kernel. `reuse_freed_memory` turns that off for
 the process: one arena (every thread's blocks come from the same heap, so a block freed by one
 batch serves the next), no mmap for large blocks, no trimming of the heap's top. The cost: the
-heap would not shrink, and a 10-minute soak saw the teacher's RSS creep up 10% as freed holes
-accumulated, so `give_back_free_memory` (the batcher calls it between batches) returns the heap's
-free pages to the OS at most once a minute (malloc_trim): one batch's working set is faulted in
-again per minute instead of on every batch. vLLM's CPU backend gets the reuse by preloading
+heap would never shrink after a large batch, so `give_back_free_memory` (the batcher calls it
+between batches) returns the heap's free pages to the OS at most once a minute (malloc_trim): one
+batch's working set is faulted in again per minute instead of on every batch. (A 10-minute soak
+read the same teacher RSS growth with this on and off: bench/RESULTS.md, "Session 4".) vLLM's CPU backend gets the reuse by preloading
 tcmalloc. `reuse_freed_memory` is called by `opd serve` at start-up, before any thread exists (a
 thread keeps the arena it first used).
 """
