@@ -20,7 +20,9 @@ How `shared_hidden` runs a batch:
   4) assemble right-padded hidden states [B, Lmax, H] exactly as an unshared forward gives
      them, and put new prefixes (capped at the prompt) into the cache.
 Causal attention makes the KV of tokens[:P] a function of tokens[:P] alone, so reuse is exact
-up to float rounding of a different matmul split (~1e-7 in float32).
+up to float rounding of a different matmul split (~1e-7 in float32). `install` turns sharing on
+only after a probe shows the shared forward reproducing the plain one on the model itself (a body
+whose layers drop the attention kwargs, e.g. StableLM's, fails it and runs unshared).
 
 Who may touch the cache: only the engine thread that owns the engine (the batcher's); it is
 not thread-safe and not shared between engines. It holds activations only (keys, values,
@@ -235,20 +237,61 @@ def extend(body, rows: list[tuple[Prefix | None, np.ndarray]], device: torch.dev
 ATTENTION = "opd_prefix"
 
 
-def install(model) -> bool:
+def install(model) -> str | None:
     """Route the model's attention through `prefix_attention` (plain SDPA unless a forward passes
-    `opd_prefix`). False, and nothing changed, where the model's attention is not plain causal
-    SDPA (sliding window, logit soft-capping, another implementation): sharing is then off."""
+    `opd_prefix`), then check on a probe that the shared forward gives the plain forward's hidden
+    states. None once installed; otherwise why sharing cannot run on this model, and nothing changed:
+    attention that is not plain causal SDPA (sliding window, logit soft-capping, another
+    implementation), or a body that does not route `opd_prefix` to every layer's attention."""
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
-    config = model.config
-    if config._attn_implementation != "sdpa" or getattr(config, "attn_logit_softcapping", None) \
-            or getattr(config, "sliding_window", None) or "sliding_attention" in (getattr(config, "layer_types", None) or ()):
-        return False
+    why = _not_plain_sdpa(model.config)
+    if why is not None:
+        return why
     AttentionInterface.register(ATTENTION, prefix_attention)
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
     model.set_attn_implementation(ATTENTION)
-    return True
+    why = check_shared_forward(getattr(model, model.base_model_prefix))
+    if why is not None:
+        model.set_attn_implementation("sdpa")
+    return why
+
+
+def _not_plain_sdpa(config) -> str | None:
+    if config._attn_implementation != "sdpa":
+        return f"attention is {config._attn_implementation!r}, not plain causal SDPA"
+    if getattr(config, "attn_logit_softcapping", None):
+        return f"attention logits are soft-capped (attn_logit_softcapping={config.attn_logit_softcapping})"
+    if getattr(config, "sliding_window", None) or "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        return f"attention has a sliding window (sliding_window={getattr(config, 'sliding_window', None)})"
+    return None
+
+
+PROBE_TAIL = 4      # tokens of its own per probe sequence, after the shared MIN_PREFIX
+
+
+def check_shared_forward(body) -> str | None:
+    """Why the prefix-shared forward does not reproduce a plain forward on `body` (None when it does,
+    within float rounding): two sequences sharing a MIN_PREFIX-token prefix, run as `shared_hidden`
+    runs them (the prefix once, each tail on its KV), against one plain forward of both."""
+    param = next(body.parameters())
+    ids_B_L = np.random.default_rng(0).integers(0, body.config.vocab_size, (2, MIN_PREFIX + PROBE_TAIL))
+    ids_B_L[1, :MIN_PREFIX] = ids_B_L[0, :MIN_PREFIX]
+    with torch.inference_mode():
+        want_B_L_H = body(input_ids=torch.from_numpy(ids_B_L).to(param.device), use_cache=False).last_hidden_state
+        try:
+            (ext,) = extend(body, [(None, ids_B_L[0, :MIN_PREFIX])], param.device, want_kv=True)
+            base = concat(None, ids_B_L[0, :MIN_PREFIX], ext, MIN_PREFIX)
+            tails = extend(body, [(base, ids_B_L[r, MIN_PREFIX:]) for r in range(2)], param.device, want_kv=False)
+        except (RuntimeError, TypeError, ValueError, AttributeError, IndexError) as e:
+            return f"the prefix-shared forward fails on this body ({type(e).__name__}: {e})"
+    got_B_L_H = torch.stack([torch.cat([base.hidden_P_H, t.hidden_S_H]) for t in tails]).float()
+    want_B_L_H = want_B_L_H.float()
+    diff = float((got_B_L_H - want_B_L_H).abs().max())
+    tol = torch.finfo(param.dtype).eps ** 0.5 * (1 + float(want_B_L_H.abs().max()))
+    if not diff <= tol:
+        return f"the prefix-shared forward differs from the plain one by {diff:.3g} (> {tol:.2g}) on a probe"
+    return None
 
 
 def prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, opd_prefix=None, **kw):

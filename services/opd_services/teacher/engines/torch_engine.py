@@ -5,16 +5,26 @@ How it scores a batch:
      prefix run it once and the rest on its KV, and prefixes come from the prefix KV cache
      when they are there (engines/prefix.py; the hidden states are the same);
   2) gather only the hidden states that predict positions [s, L) of each sequence;
-  3) push those rows through the LM head in chunks, each chunk in float32:
+  3) push those rows through the LM head in chunks, each chunk's logits in float32:
      log-softmax statistics, the target logprob, top-k, candidates and entropy;
   4) split the rows back per sequence.
 The full [batch, length, vocab] logits tensor is never built. Causal attention means right
 padding cannot change any real position's result.
-Generation (`generate`) is delegated to opd_services.modeling.sampling (KV-cached, left-padded).
+
+The head is the model's own `forward()`, run on a copy of the model whose base model
+(`getattr(model, model.base_model_prefix)`) is a stub returning the given hidden states
+(`_GivenHidden`): the architecture's own code applies the output embedding and whatever follows
+it (Granite's logit scaling, Cohere's logit scale, Gemma's soft-capping, anything else), so no
+transform is listed by architecture name here. At start a probe compares the whole scoring path
+with `model.forward().logits` and the engine refuses to start (ConfigError) where they disagree
+beyond float rounding, or where the model has no base model / output embeddings to drive.
+Generation (`generate`) is delegated to opd_services.modeling.sampling (KV-cached, left-padded),
+which runs the same `forward()`: the teacher samples from the distribution it scores.
 This module does not validate requests, batch them, or know about any wire format.
 """
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -22,6 +32,7 @@ import numpy as np
 import torch
 
 from opd_client.types import ModelInfo
+from opd_services.errors import ConfigError
 from opd_services.teacher.engines.base import (GenerateItem, ItemScores, Sampled, ScoreItem, auto_dtype,
                                                revision_hash)
 from opd_services.teacher.engines.prefix import PrefixCache, export_metrics, install, shared_hidden
@@ -84,7 +95,54 @@ def pick_dtype(dtype: str, device: torch.device, model_dir: str | Path) -> torch
     return getattr(torch, dtype)
 
 
+class _GivenHidden(torch.nn.Module):
+    """Stands in for a causal LM's base model: returns the hidden states it is handed as
+    `inputs_embeds` as `last_hidden_state`, in the base model's own output class (its other
+    fields None), so that the causal LM's `forward()` runs only what follows its body."""
+
+    def __init__(self, output_cls: type):
+        super().__init__()
+        self.output_cls = output_cls
+
+    def forward(self, *args, inputs_embeds: torch.Tensor | None = None, **kwargs):
+        return self.output_cls(last_hidden_state=inputs_embeds)
+
+
+def model_parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(base model, output embeddings) of a causal LM, or ConfigError naming what is missing."""
+    arch = type(model).__name__
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    body = getattr(model, prefix, None) if prefix else None
+    if not isinstance(body, torch.nn.Module) or body is model:
+        raise ConfigError(f"torch engine: {arch} has no base model under base_model_prefix={prefix!r}, so the "
+                          f"engine cannot run its decoder without the LM head; serve it with OPD_ENGINE=vllm")
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Module) or getattr(head, "weight", None) is None or head.weight.dim() != 2:
+        raise ConfigError(f"torch engine: {arch} has no output embeddings (get_output_embeddings() is {head!r}), "
+                          f"so the engine cannot score it; serve it with OPD_ENGINE=vllm")
+    return body, head
+
+
+def head_model(model, body_output_cls: type) -> torch.nn.Module:
+    """A shallow copy of `model` (same modules and weights, the LM head included) whose base model
+    is `_GivenHidden`: its `forward(inputs_embeds=hidden_1_n_H).logits` are the model's logits for
+    those hidden states. The model itself is not changed (generation keeps running it)."""
+    head = copy.copy(model)
+    head._modules = dict(model._modules)
+    head._modules[model.base_model_prefix] = _GivenHidden(body_output_cls)
+    return head
+
+
+PROBE_TOKENS = 8          # the head probe: every vocabulary entry's logprob at 7 positions
+ATTENTION_PROBE = 32      # the attention probe: longer than the tiny test models' sliding windows
+
+
 class TorchEngine:
+    """Exact teacher scores from a transformers causal LM: the decoder body over the batch (prefixes
+    shared where the attention allows), then the model's own `forward()` after its body (see
+    `head_model`) on the scored rows only, chunked, in float32. Refuses to start (ConfigError) where a
+    probe of that path disagrees with `model.forward().logits`."""
+
     def __init__(self, model_dir: str | Path, *, device: str = "auto", dtype: str = "auto",
                  max_top_k: int = 20, name: str | None = None, prefix_cache_mb: float = 0,
                  share_prefixes: bool = True, cpu_onednn: bool = True):
@@ -95,30 +153,94 @@ class TorchEngine:
         config = AutoConfig.from_pretrained(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype).to(self.device).eval()
         self.onednn = cpu_onednn and use_onednn_linears(self.model)
-        self.body = self.model.base_model
-        self.head = self.model.get_output_embeddings()
+        self.body, self.head = model_parts(self.model)
         self.vocab_size = int(self.head.weight.shape[0])
-        self.softcap = getattr(config, "final_logit_softcapping", None)
         self.chunk_rows = max(16, CHUNK_BYTES // (4 * self.vocab_size))
-        if share_prefixes and not install(self.model):
-            log.warning("torch engine: %s's attention is not plain causal SDPA (%s); prefix sharing is off",
-                        Path(model_dir).name, config._attn_implementation)
-            share_prefixes = False
-        self.share_prefixes = share_prefixes
-        if share_prefixes:
+        self._exact_attention(Path(model_dir).name)
+        self.head_model = head_model(self.model, self._body_output_cls())
+        self.share_prefixes = False
+        self.prefix_cache = None
+        self._check_head(Path(model_dir).name)
+        why = install(self.model) if share_prefixes else None
+        if why is not None:
+            log.warning("torch engine: prefix sharing is off for %s: %s", Path(model_dir).name, why)
+        self.share_prefixes = share_prefixes and why is None
+        if self.share_prefixes:
             export_metrics("torch")
-        self.prefix_cache = PrefixCache(int(prefix_cache_mb * (1 << 20))) if share_prefixes and prefix_cache_mb > 0 else None
+        if self.share_prefixes and prefix_cache_mb > 0:
+            self.prefix_cache = PrefixCache(int(prefix_cache_mb * (1 << 20)))
         self.info = ModelInfo(
             name=name or Path(model_dir).resolve().name, engine="torch", engine_version=torch.__version__,
             dtype=str(self.dtype).removeprefix("torch."), revision=revision_hash(model_dir),
             vocab_size=self.vocab_size, max_model_len=int(getattr(config, "max_position_embeddings", 4096)),
             max_top_k=max_top_k)
         log.info("torch engine: %s on %s (%s), vocab %d, prefix sharing %s, prefix cache %s MB, linears %s",
-                 self.info.name, self.device, self.info.dtype, self.vocab_size, "on" if share_prefixes else "off",
+                 self.info.name, self.device, self.info.dtype, self.vocab_size, "on" if self.share_prefixes else "off",
                  prefix_cache_mb if self.prefix_cache else 0, "oneDNN" if self.onednn else "torch default")
 
+    def _probe_ids(self, n: int = PROBE_TOKENS) -> np.ndarray:
+        return np.random.default_rng(0).integers(0, self.vocab_size, n).astype(np.int64)
+
+    @torch.inference_mode()
+    def _exact_attention(self, name: str) -> None:
+        """Keep the loaded attention implementation only where it computes what transformers' eager
+        (reference) attention does: some features have no SDPA path and are dropped silently (in
+        transformers 5.19, Gemma-2's attn_logit_softcapping). Compared on a probe; eager otherwise."""
+        impl = self.model.config._attn_implementation
+        if impl == "eager":
+            return
+        ids_1_L = torch.from_numpy(self._probe_ids(ATTENTION_PROBE)[None]).to(self.device)
+        got_L_H = self.body(input_ids=ids_1_L, use_cache=False).last_hidden_state[0].float()
+        self.model.set_attn_implementation("eager")
+        want_L_H = self.body(input_ids=ids_1_L, use_cache=False).last_hidden_state[0].float()
+        diff = float((got_L_H - want_L_H).abs().max())
+        tol = 64 * torch.finfo(self.dtype).eps * (1 + float(want_L_H.abs().max()))
+        if diff <= tol:
+            self.model.set_attn_implementation(impl)
+            return
+        log.warning("torch engine: %s's %r attention differs from eager attention by %.3g (> %.2g) on a probe "
+                    "(a feature it does not implement, e.g. attention soft-capping); using eager attention",
+                    name, impl, diff, tol)
+
+    @torch.inference_mode()
+    def _body_output_cls(self) -> type:
+        out = self.body(input_ids=torch.from_numpy(self._probe_ids()[None]).to(self.device), use_cache=False)
+        if getattr(out, "last_hidden_state", None) is None:
+            raise ConfigError(f"torch engine: {type(self.model).__name__}'s base model returns {type(out).__name__} "
+                              f"without last_hidden_state; the engine cannot drive it: serve it with OPD_ENGINE=vllm")
+        return type(out)
+
+    @torch.inference_mode()
+    def _check_head(self, name: str) -> None:
+        """Probe: the scoring path (body, row gather, chunked head, log-softmax) against a float64
+        log-softmax of `model.forward().logits` over the whole vocabulary; ConfigError beyond rounding."""
+        arch = type(self.model).__name__
+        ids_L = self._probe_ids()
+        want_L_V = self.model(input_ids=torch.from_numpy(ids_L[None]).to(self.device), use_cache=False).logits[0]
+        if want_L_V.shape[-1] != self.vocab_size:
+            raise ConfigError(f"torch engine: {arch} ({name}): forward() returns {want_L_V.shape[-1]} logits per "
+                              f"position but its output embeddings have {self.vocab_size} rows; the engine cannot "
+                              f"score it: serve it with OPD_ENGINE=vllm")
+        ref_T_V = torch.log_softmax(want_L_V[:-1].double(), dim=-1).cpu().numpy()
+        cands_T_V = np.broadcast_to(np.arange(self.vocab_size, dtype=np.int64), (PROBE_TOKENS - 1, self.vocab_size))
+        try:
+            (got,) = self.score([ScoreItem(ids_L, 1, candidate_ids_T_C=np.ascontiguousarray(cands_T_V))])
+        except (RuntimeError, TypeError, ValueError, AttributeError, IndexError) as e:
+            raise ConfigError(f"torch engine: {arch} ({name}) cannot run its forward() on given hidden states "
+                              f"({type(e).__name__}: {e}); the engine cannot score it: serve it with "
+                              f"OPD_ENGINE=vllm") from e
+        diff = float(np.abs(got.candidate_logprobs_T_C - ref_T_V).max())
+        tol = 1e-4 + 4 * torch.finfo(self.dtype).eps * (1 + float(want_L_V.abs().max()))
+        if not diff <= tol:
+            raise ConfigError(
+                f"torch engine: {arch} ({name}): the engine's logprobs differ from its forward() by up to {diff:.3g} "
+                f"(tolerance {tol:.2g}) on a probe of {PROBE_TOKENS} tokens: forward() computes its logits from "
+                f"more than what its base model returns (e.g. from input_ids), which the engine's head path cannot see. "
+                f"Serve it with OPD_ENGINE=vllm, or make forward()'s logits a function of the base model's "
+                f"last_hidden_state")
+
     def close(self) -> None:
-        self.model = self.body = self.head = None
+        self.model = self.body = self.head = self.head_model = None
         if self.prefix_cache is not None:
             self.prefix_cache.clear()
 
@@ -185,9 +307,7 @@ class TorchEngine:
         return torch.from_numpy(np.concatenate(blocks)).to(self.device), width
 
     def _head_chunk(self, hidden_n_H, targets_n, temps_n, cands_n_C, k, want_entropy, want_rank, out, lo):
-        logits_n_V = self.head(hidden_n_H).float()
-        if self.softcap:
-            logits_n_V = torch.tanh(logits_n_V / self.softcap) * self.softcap
+        logits_n_V = self.head_model(inputs_embeds=hidden_n_H[None]).logits[0].float()
         if not bool((temps_n == 1).all()):
             logits_n_V = logits_n_V / temps_n[:, None]
         lse_n = torch.logsumexp(logits_n_V, dim=-1)
