@@ -115,7 +115,7 @@ def wire_bytes(url_http: str, url_grpc: str | None, model: str, k: int, req) -> 
     if url_grpc:
         import grpc
         from opd_client import wire
-        msg = wire.request_proto([Sequence(token_ids=s) for s in req], k, 1.0, False).SerializeToString()
+        msg = wire.request_proto([Sequence(token_ids=s) for s in req], wire.ScoreOptions(top_k=k)).SerializeToString()
         with grpc.insecure_channel(url_grpc.removeprefix("grpc://")) as ch:
             raw = ch.unary_unary("/opd.teacher.v1.Teacher/Score")(msg, timeout=600)
         out["grpc"] = len(raw) / scored

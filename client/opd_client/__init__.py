@@ -4,12 +4,13 @@ from opd_client.errors import (ConfigError, InternalError, InvalidRequest, NotFo
                                PermissionDenied, QueueFull, ResourceExhausted, Unauthenticated,
                                Unavailable)
 from opd_client.tls import TLS
+from opd_client.tokenizer_id import tokenizer_fingerprint
 from opd_client.types import (GenerateResponse, GenerateUsage, Generation, ModelInfo, Rollout, ScoredRollout,
-                              ScoreResponse, Sequence, SequenceScores, Usage)
+                              ScoreResponse, Sequence, SequenceScores, TokenizerInfo, Usage)
 
 __all__ = [
     "AsyncTeacherClient", "TeacherClient", "RetryPolicy", "NO_RETRY", "TLS", "Sequence", "SequenceScores", "ScoreResponse",
-    "ModelInfo", "Usage", "Rollout", "ScoredRollout", "Generation", "GenerateResponse", "GenerateUsage",
+    "ModelInfo", "TokenizerInfo", "tokenizer_fingerprint", "Usage", "Rollout", "ScoredRollout", "Generation", "GenerateResponse", "GenerateUsage",
     "OPDError", "InvalidRequest", "PayloadTooLarge", "Unauthenticated",
     "PermissionDenied", "NotFound", "ResourceExhausted", "QueueFull", "Unavailable", "ConfigError", "InternalError",
 ]

@@ -141,8 +141,10 @@ def _grpc_error(e: grpc.RpcError) -> OPDError:
     return cls(f"{code.name}: {details}", request_id=rid)
 
 
-def _score_args(sequences, top_k, temperature, entropy):
-    return wire.as_sequences(sequences), int(top_k), float(temperature), bool(entropy)
+def _score_args(sequences, top_k, temperature, entropy, chat_template_kwargs, add_special_tokens):
+    opts = wire.ScoreOptions(int(top_k), float(temperature), bool(entropy), chat_template_kwargs,
+                             bool(add_special_tokens))
+    return wire.as_sequences(sequences), opts
 
 
 GRPC_OPTIONS = [("grpc.max_receive_message_length", 256 << 20),
@@ -251,12 +253,13 @@ class TeacherClient(_Base):
         return self._call(lambda c: getattr(c.stub, name)(req, timeout=self.timeout, metadata=self._metadata))
 
     def score(self, sequences: Iterable, *, top_k: int = 0, temperature: float = 1.0,
-              entropy: bool = False) -> ScoreResponse:
-        seqs, k, t, ent = _score_args(sequences, top_k, temperature, entropy)
+              entropy: bool = False, chat_template_kwargs: dict | None = None,
+              add_special_tokens: bool = True) -> ScoreResponse:
+        seqs, opts = _score_args(sequences, top_k, temperature, entropy, chat_template_kwargs, add_special_tokens)
         if self.transport == "http":
-            body = orjson.dumps(wire.request_json(seqs, k, t, ent, self.teacher))
+            body = orjson.dumps(wire.request_json(seqs, opts, self.teacher))
             return wire.response_from_json(self._http("POST", "/v1/score", body))
-        return wire.response_from_proto(self._rpc("Score", wire.request_proto(seqs, k, t, ent, self.teacher)))
+        return wire.response_from_proto(self._rpc("Score", wire.request_proto(seqs, opts, self.teacher)))
 
     def generate(self, prompts: Iterable, *, max_tokens: int = 16, temperature: float = 1.0,
                  stop_ids: Iterable[int] = (), seed: int | None = None) -> GenerateResponse:
@@ -339,12 +342,13 @@ class AsyncTeacherClient(_Base):
         return await self._call(lambda c: getattr(c.stub, name)(req, timeout=self.timeout, metadata=self._metadata))
 
     async def score(self, sequences: Iterable, *, top_k: int = 0, temperature: float = 1.0,
-                    entropy: bool = False) -> ScoreResponse:
-        seqs, k, t, ent = _score_args(sequences, top_k, temperature, entropy)
+                    entropy: bool = False, chat_template_kwargs: dict | None = None,
+                    add_special_tokens: bool = True) -> ScoreResponse:
+        seqs, opts = _score_args(sequences, top_k, temperature, entropy, chat_template_kwargs, add_special_tokens)
         if self.transport == "http":
-            body = orjson.dumps(wire.request_json(seqs, k, t, ent, self.teacher))
+            body = orjson.dumps(wire.request_json(seqs, opts, self.teacher))
             return wire.response_from_json(await self._http("POST", "/v1/score", body))
-        return wire.response_from_proto(await self._rpc("Score", wire.request_proto(seqs, k, t, ent, self.teacher)))
+        return wire.response_from_proto(await self._rpc("Score", wire.request_proto(seqs, opts, self.teacher)))
 
     async def generate(self, prompts: Iterable, *, max_tokens: int = 16, temperature: float = 1.0,
                        stop_ids: Iterable[int] = (), seed: int | None = None) -> GenerateResponse:

@@ -12,16 +12,40 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Sequence:
-    """One sequence to score: every position in [score_from, len(token_ids)).
+    """One sequence to score, given as token ids, text or chat messages (one of them).
 
+    token_ids + score_from: every position in [score_from, len(token_ids)) is scored.
+    text + score_from_char: the teacher tokenizes the text; tokens after the character
+    score_from_char (a token boundary) are scored (default: all but the first).
+    messages: [{"role", "content", optional "score": bool}], rendered with the teacher's chat
+    template; scoring runs from the first scored message (assistant ones by default) to the end.
+    The result of a text or messages sequence carries the ids it scored and their offsets.
     candidate_ids_T_C: optional, one row of token ids per scored position (same width
     on every row), e.g. the student's own top-k at that position.
     """
 
-    token_ids: np.ndarray | list[int]
+    token_ids: np.ndarray | list[int] | None = None
     score_from: int = 1
     id: str = ""
     candidate_ids_T_C: np.ndarray | list[list[int]] | None = None
+    text: str | None = None
+    score_from_char: int | None = None
+    messages: list[dict] | None = None
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """The teacher's tokenizer: compare `files_sha256` and `chat_template_sha256` with
+    `opd_client.tokenizer_fingerprint(student_folder)` to know the student shares it."""
+
+    name: str
+    vocab_size: int                 # len(tokenizer), added tokens included
+    special_ids: dict               # {"bos", "eos", "pad", "unk"}: those the tokenizer defines
+    files_sha256: str               # over its files (opd_client.tokenizer_id.files_sha256)
+    chat_template_sha256: str = ""  # "" = no chat template
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
 
 
 @dataclass(frozen=True)
@@ -35,9 +59,12 @@ class ModelInfo:
     max_model_len: int
     max_top_k: int = 0
     teacher: str = ""          # the teacher's name in its deployment (OPD_TEACHER_NAME)
+    tokenizer: TokenizerInfo | None = None   # None: the model folder has no tokenizer (ids only)
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        d = dict(self.__dict__)
+        d["tokenizer"] = None if self.tokenizer is None else self.tokenizer.to_dict()
+        return d
 
 
 @dataclass(frozen=True)
@@ -50,6 +77,14 @@ class SequenceScores:
     top_logprobs_T_K: np.ndarray | None = None
     candidate_logprobs_T_C: np.ndarray | None = None
     entropy_T: np.ndarray | None = None
+    # text / messages input: the ids the teacher's tokenizer gave, where scoring started, each scored
+    # token's characters [start, end) in the text (for messages: in `text`, the rendered chat), and
+    # each message's token range [start, end) (end-of-turn token included; -1 = not rendered verbatim)
+    token_ids_L: np.ndarray | None = None
+    score_from: int | None = None
+    offsets_T_2: np.ndarray | None = None
+    text: str | None = None
+    message_spans_M_2: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

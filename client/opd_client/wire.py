@@ -5,23 +5,39 @@ holds the two to the same numbers. Nothing here does I/O.
 """
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
 
 from opd_client._proto.opd.teacher.v1 import teacher_pb2 as pb
+from opd_client.errors import InvalidRequest
 from opd_client.types import (GenerateResponse, GenerateUsage, Generation, ModelInfo, ScoreResponse, Sequence,
-                              SequenceScores, Usage)
+                              SequenceScores, TokenizerInfo, Usage)
 
 SequenceLike = Sequence | Iterable[int]
 
 
 def as_sequences(sequences: Iterable[SequenceLike]) -> list[Sequence]:
-    """Accept Sequence objects or bare token-id lists (scored from position 1)."""
+    """Accept Sequence objects or bare token-id lists (scored from position 1); text that is not valid
+    Unicode (a lone surrogate) is refused here, naming the field, as the teacher would refuse it."""
     out = []
-    for s in sequences:
-        out.append(s if isinstance(s, Sequence) else Sequence(token_ids=list(s)))
+    for i, s in enumerate(sequences):
+        s = s if isinstance(s, Sequence) else Sequence(token_ids=list(s))
+        _check_unicode(s.text, f"sequences[{i}].text")
+        for j, m in enumerate(s.messages or ()):
+            _check_unicode(m.get("content") if isinstance(m, dict) else None, f"sequences[{i}].messages[{j}].content")
+        out.append(s)
     return out
+
+
+def _check_unicode(text, field: str) -> None:
+    if isinstance(text, str):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidRequest(field, f"is not valid Unicode: a lone surrogate at character {e.start}") from None
 
 
 def _ids(a) -> list[int]:
@@ -30,24 +46,61 @@ def _ids(a) -> list[int]:
 
 # ---- HTTP JSON -------------------------------------------------------------------------
 
-def request_json(seqs: list[Sequence], top_k: int, temperature: float, entropy: bool, teacher: str = "") -> dict:
-    body_seqs = []
-    for s in seqs:
+@dataclass(frozen=True)
+class ScoreOptions:
+    """The per-request options of a score call, as both transports send them."""
+    top_k: int = 0
+    temperature: float = 1.0
+    entropy: bool = False
+    chat_template_kwargs: dict | None = None
+    add_special_tokens: bool = True
+
+
+def _sequence_json(s: Sequence) -> dict:
+    d: dict = {}
+    if s.text is not None:
+        d["text"] = s.text
+        if s.score_from_char is not None:
+            d["score_from_char"] = int(s.score_from_char)
+    elif s.messages is not None:
+        d["messages"] = list(s.messages)
+    else:
         d = {"token_ids": _ids(s.token_ids), "score_from": int(s.score_from)}
-        if s.id:
-            d["id"] = s.id
-        if s.candidate_ids_T_C is not None:
-            d["candidate_ids"] = np.asarray(s.candidate_ids_T_C, dtype=np.int64).tolist()
-        body_seqs.append(d)
-    body = {"top_k": int(top_k), "temperature": float(temperature), "entropy": bool(entropy),
-            "sequences": body_seqs}
+    if s.id:
+        d["id"] = s.id
+    if s.candidate_ids_T_C is not None:
+        d["candidate_ids"] = np.asarray(s.candidate_ids_T_C, dtype=np.int64).tolist()
+    return d
+
+
+def request_json(seqs: list[Sequence], opts: ScoreOptions, teacher: str = "") -> dict:
+    body = {"top_k": opts.top_k, "temperature": opts.temperature, "entropy": opts.entropy,
+            "sequences": [_sequence_json(s) for s in seqs]}
+    if opts.chat_template_kwargs is not None:
+        body["chat_template_kwargs"] = opts.chat_template_kwargs
+    if not opts.add_special_tokens:
+        body["add_special_tokens"] = False
     if teacher:
         body["teacher"] = teacher
     return body
 
 
 def model_from_json(d: dict) -> ModelInfo:
-    return ModelInfo(**{k: d[k] for k in ModelInfo.__dataclass_fields__ if k in d})
+    fields = {k: d[k] for k in ModelInfo.__dataclass_fields__ if k in d}
+    if fields.get("tokenizer") is not None:
+        t = fields["tokenizer"]
+        fields["tokenizer"] = TokenizerInfo(**{k: t[k] for k in TokenizerInfo.__dataclass_fields__ if k in t})
+    return ModelInfo(**fields)
+
+
+def _text_fields_json(r: dict) -> dict:
+    """What a text / messages sequence's result adds: the ids scored and where they came from."""
+    if r.get("token_ids") is None:
+        return {}
+    spans = r.get("message_spans")
+    return {"token_ids_L": np.asarray(r["token_ids"], dtype=np.int64), "score_from": int(r["score_from"]),
+            "offsets_T_2": np.asarray(r["offsets"], dtype=np.int64).reshape(-1, 2), "text": r.get("text"),
+            "message_spans_M_2": None if spans is None else np.asarray(spans, dtype=np.int64).reshape(-1, 2)}
 
 
 def _f32(x) -> np.ndarray | None:
@@ -65,6 +118,7 @@ def response_from_json(d: dict) -> ScoreResponse:
             top_logprobs_T_K=_f32(r.get("top_logprobs")),
             candidate_logprobs_T_C=_f32(r.get("candidate_logprobs")),
             entropy_T=_f32(r.get("entropy")),
+            **_text_fields_json(r),
         ))
     u = d.get("usage", {})
     return ScoreResponse(model=model_from_json(d["model"]), results=results,
@@ -74,11 +128,31 @@ def response_from_json(d: dict) -> ScoreResponse:
 
 # ---- gRPC --------------------------------------------------------------------------------
 
-def request_proto(seqs: list[Sequence], top_k: int, temperature: float, entropy: bool,
-                  teacher: str = "") -> pb.ScoreRequest:
+def _message_proto(m: dict) -> pb.ChatMessage:
+    extra = {k: v for k, v in m.items() if k not in ("role", "content", "score")}
+    out = pb.ChatMessage(role=str(m.get("role", "")), content=m.get("content") or "",
+                         extra_json=json.dumps(extra) if extra else "")
+    if m.get("score") is not None:
+        out.score = bool(m["score"])
+    return out
+
+
+def _sequence_proto(s: Sequence) -> pb.Sequence:
+    if s.text is not None:
+        m = pb.Sequence(id=s.id, text=s.text)
+        if s.score_from_char is not None:
+            m.score_from_char = int(s.score_from_char)
+    elif s.messages is not None:
+        m = pb.Sequence(id=s.id, messages=[_message_proto(x) for x in s.messages])
+    else:
+        m = pb.Sequence(id=s.id, token_ids=_ids(s.token_ids), score_from=int(s.score_from))
+    return m
+
+
+def request_proto(seqs: list[Sequence], opts: ScoreOptions, teacher: str = "") -> pb.ScoreRequest:
     msgs = []
     for s in seqs:
-        m = pb.Sequence(id=s.id, token_ids=_ids(s.token_ids), score_from=int(s.score_from))
+        m = _sequence_proto(s)
         if s.candidate_ids_T_C is not None:
             c = np.asarray(s.candidate_ids_T_C, dtype=np.int64)
             if c.ndim != 2:
@@ -86,14 +160,33 @@ def request_proto(seqs: list[Sequence], top_k: int, temperature: float, entropy:
             m.candidate_ids.extend(c.reshape(-1).tolist())
             m.candidate_width = c.shape[1]
         msgs.append(m)
-    return pb.ScoreRequest(sequences=msgs, top_k=int(top_k), temperature=float(temperature),
-                           entropy=bool(entropy), teacher=teacher)
+    req = pb.ScoreRequest(sequences=msgs, top_k=opts.top_k, temperature=opts.temperature, entropy=opts.entropy,
+                          teacher=teacher)
+    if opts.chat_template_kwargs is not None:
+        req.chat_template_kwargs_json = json.dumps(opts.chat_template_kwargs)
+    if not opts.add_special_tokens:
+        req.add_special_tokens = False
+    return req
 
 
 def model_from_proto(m: pb.ModelInfo) -> ModelInfo:
+    tok = None
+    if m.HasField("tokenizer"):
+        t = m.tokenizer
+        tok = TokenizerInfo(name=t.name, vocab_size=t.vocab_size, special_ids=dict(t.special_ids),
+                            files_sha256=t.files_sha256, chat_template_sha256=t.chat_template_sha256)
     return ModelInfo(name=m.name, engine=m.engine, engine_version=m.engine_version, dtype=m.dtype,
                      revision=m.revision, vocab_size=m.vocab_size, max_model_len=m.max_model_len,
-                     max_top_k=m.max_top_k, teacher=m.teacher)
+                     max_top_k=m.max_top_k, teacher=m.teacher, tokenizer=tok)
+
+
+def _text_fields_proto(r: pb.SequenceResult) -> dict:
+    if not len(r.token_ids):
+        return {}
+    spans = np.array(r.message_spans, dtype=np.int64).reshape(-1, 2) if len(r.message_spans) else None
+    return {"token_ids_L": np.array(r.token_ids, dtype=np.int64), "score_from": int(r.score_from),
+            "offsets_T_2": np.array(r.offsets, dtype=np.int64).reshape(-1, 2),
+            "text": r.text if spans is not None else None, "message_spans_M_2": spans}
 
 
 def response_from_proto(resp: pb.ScoreResponse) -> ScoreResponse:
@@ -112,7 +205,7 @@ def response_from_proto(resp: pb.ScoreResponse) -> ScoreResponse:
             ent = np.array(r.entropy, dtype=np.float32)
         results.append(SequenceScores(id=r.id, logprobs_T=lp, top_ids_T_K=top_ids,
                                       top_logprobs_T_K=top_lp, candidate_logprobs_T_C=cand,
-                                      entropy_T=ent))
+                                      entropy_T=ent, **_text_fields_proto(r)))
     return ScoreResponse(model=model_from_proto(resp.model), results=results,
                          usage=Usage(resp.usage.scored_tokens, resp.usage.total_tokens), top_k=k)
 

@@ -25,9 +25,10 @@ import uvicorn
 
 from opd_services.config import Settings, check_tls
 from opd_services.errors import Unavailable
-from opd_services.teacher.engines import engine_factory
+from opd_services.teacher.engines import engine_factory, tokenizer_factory
 from opd_services.teacher.engines.base import Engine
 from opd_services.teacher.service import ScoringService
+from opd_services.teacher.text.tokenizer import Tokenizer
 from opd_services.teacher.surfaces import http
 from opd_services.teacher.surfaces.admin_http import admin_router
 from opd_services.teacher.surfaces.common import BodyLimit, CancelOnDisconnect, Observe, tenant_dependency
@@ -88,10 +89,12 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 class TeacherServer:
-    def __init__(self, settings: Settings, engine: Callable[[], Engine] | None = None):
+    def __init__(self, settings: Settings, engine: Callable[[], Engine] | None = None,
+                 tokenizer: Callable[[], Tokenizer | None] | None = None):
         check_tls(settings)
         self.settings = settings
         self._engine = engine or engine_factory(settings)
+        self._tokenizer = tokenizer or tokenizer_factory(settings)
         self.service: ScoringService | None = None
         self._redis = self._usage = self._registry = None
         self.http_port = 0
@@ -133,7 +136,7 @@ class TeacherServer:
     async def start(self, wait_ready: bool = True) -> None:
         s = self.settings
         auth = await self._tenancy()
-        self.service = ScoringService(s, self._engine, auth, self._usage)
+        self.service = ScoringService(s, self._engine, auth, self._usage, self._tokenizer)
         # gRPC first, then HTTP: both answer health while the engine loads
         self._grpc, self._grpc_surface = create_server(self.service, s.max_body_bytes)
         host = f"[{s.host}]" if ":" in s.host else s.host

@@ -20,9 +20,13 @@ import numpy as np
 from opd_client.types import ModelInfo
 from opd_services import metrics
 from opd_services.config import Settings
-from opd_services.errors import InvalidRequest, NotFound, ResourceExhausted, Unavailable
+from opd_services.errors import ConfigError, InvalidRequest, NotFound, ResourceExhausted, Unavailable
 from opd_services.teacher.batcher import Batcher
 from opd_services.teacher.engines.base import Engine, GenerateItem, ItemScores, Sampled, SampleParams, ScoreItem
+from opd_services.teacher.text.sequences import from_messages, from_text
+from opd_services.teacher.text.tokenizer import Tokenizer
+from opd_services.teacher.text.tokenizer import require as require_tokenizer
+from opd_services.teacher.text.tokenizer import run as run_text
 from opd_services.tenancy.auth import DEFAULT, Authenticator, Tenant, UsageRecorder
 
 log = logging.getLogger(__name__)
@@ -30,10 +34,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class SequenceIn:
-    token_ids: Any                  # list[int] or an int array, length L
-    score_from: int = 1
+    """One of token_ids, text or messages (text/: the model's tokenizer turns the others into ids)."""
+    token_ids: Any = None           # list[int] or an int array, length L
+    score_from: int | None = None   # with token_ids; None = 1
     id: str = ""
     candidate_ids: Any = None       # [L - s][C] ids, list of lists or a 2-D int array
+    text: str | None = None
+    score_from_char: int | None = None   # with text: the character where scoring starts
+    messages: Any = None            # chat messages, rendered with the model's chat template
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +52,8 @@ class ScoreRequest:
     entropy: bool = False
     rank: bool = False              # the actual token's rank per position (the vLLM dialect needs it)
     teacher: str = ""               # the teacher meant; "" = this one, another name -> NotFound
+    chat_template_kwargs: dict | None = None   # messages: extra template variables (e.g. enable_thinking)
+    add_special_tokens: bool = True            # text: let the tokenizer add its special tokens (BOS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,13 +88,17 @@ class ScoreResult:
     top_k: int
     scored_tokens: int
     total_tokens: int
+    views: list = dataclasses.field(default_factory=list)   # per sequence: TextView (text / messages) or None
 
 
 class ScoringService:
     def __init__(self, settings: Settings, engine_factory: Callable[[], Engine],
-                 authenticator: Authenticator | None = None, usage: UsageRecorder | None = None):
+                 authenticator: Authenticator | None = None, usage: UsageRecorder | None = None,
+                 tokenizer_factory: Callable[[], Tokenizer | None] | None = None):
         self.settings = settings
         self._engine_factory = engine_factory
+        self._tokenizer_factory = tokenizer_factory or (lambda: None)
+        self.tokenizer: Tokenizer | None = None    # the model folder's (text/); None = ids only
         self.authenticator = authenticator or Authenticator("off" if settings.auth == "off" else "auto", None)
         self.usage = usage
         self._tenant_tokens: dict[str, int] = {}
@@ -100,8 +114,13 @@ class ScoringService:
     async def start(self) -> None:
         """Load the engine off the event loop (health answers meanwhile), then start batching."""
         self.engine = await asyncio.to_thread(self._engine_factory)
-        s = self.settings
-        self.engine.info = dataclasses.replace(self.engine.info, teacher=s.teacher_name)
+        self.tokenizer = await asyncio.to_thread(self._tokenizer_factory)
+        s, tok = self.settings, self.tokenizer
+        if tok is not None and tok.info.vocab_size > self.engine.info.vocab_size:
+            raise ConfigError(f"the tokenizer has {tok.info.vocab_size} tokens but the model only "
+                              f"{self.engine.info.vocab_size} embedding rows: they do not belong together")
+        self.engine.info = dataclasses.replace(self.engine.info, teacher=s.teacher_name,
+                                               tokenizer=None if tok is None else tok.info)
         on_time = None
         if self.usage is not None:
             loop, usage = asyncio.get_running_loop(), self.usage
@@ -109,7 +128,7 @@ class ScoringService:
         self.batcher = Batcher(self.engine, max_batch_tokens=s.max_batch_tokens,
                                batch_wait_ms=s.batch_wait_ms, batching=s.batching, on_engine_time=on_time)
         self.batcher.start()
-        metrics.ENGINE_INFO.info({k: str(v) for k, v in self.engine.info.to_dict().items()})
+        metrics.ENGINE_INFO.info({k: str(v) for k, v in self.engine.info.to_dict().items() if k != "tokenizer"})
         metrics.READY.set(1)
         log.info("teacher ready: %s", self.engine.info)
 
@@ -182,6 +201,7 @@ class ScoringService:
             raise NotFound(f"teacher {req.teacher!r} is not served here: this is teacher "
                            f"{self.settings.teacher_name!r}; point the client at {req.teacher!r}'s replicas "
                            "(OPD_TEACHERS on a scorer)")
+        req, views = await self._as_ids(req, tenant)
         items = self._validated(self.validate, req, tenant)
         tokens = sum(it.n_tokens for it in items)
         with self._in_flight(tenant, tokens):
@@ -191,7 +211,50 @@ class ScoringService:
         if self.usage is not None:
             self.usage.add(tenant.name, requests=1, scored_tokens=scored)
         return ScoreResult(model=self.engine.info, ids=[s.id for s in req.sequences], scores=scores,
-                           top_k=req.top_k, scored_tokens=scored, total_tokens=tokens)
+                           top_k=req.top_k, scored_tokens=scored, total_tokens=tokens, views=views)
+
+    async def _as_ids(self, req: ScoreRequest, tenant: Tenant) -> tuple[ScoreRequest, list]:
+        """Text and chat sequences tokenized (text/, off the event loop); id sequences as they are."""
+        if all(seq.text is None and seq.messages is None for seq in req.sequences or ()):
+            return req, [None] * len(req.sequences or ())
+        try:
+            views = await run_text(self._views, req)
+        except InvalidRequest:
+            self._rejected(tenant, "invalid")
+            raise
+        seqs = [seq if v is None else dataclasses.replace(seq, token_ids=v.token_ids_L, score_from=v.score_from,
+                                                          text=None, messages=None, score_from_char=None)
+                for seq, v in zip(req.sequences, views)]
+        return dataclasses.replace(req, sequences=seqs), views
+
+    def _views(self, req: ScoreRequest) -> list:
+        _check_count("sequences", req.sequences, self.settings.max_request_sequences, "sequence")
+        max_len, views = self.model_info().max_model_len, []
+        for i, seq in enumerate(req.sequences):
+            field = f"sequences[{i}]"
+            given = [k for k in ("token_ids", "text", "messages") if getattr(seq, k) is not None]
+            if not given:
+                raise InvalidRequest(f"{field}.token_ids", "is required (or send the sequence as text or messages)")
+            if len(given) != 1:
+                raise InvalidRequest(field, "needs exactly one of token_ids, text or messages, got "
+                                            f"{' and '.join(given) or 'none'}")
+            if seq.text is not None or seq.messages is not None:
+                if seq.score_from is not None:
+                    raise InvalidRequest(f"{field}.score_from", "goes with token_ids; with text use score_from_char "
+                                                                "(with messages, the scored turns say where)")
+            if seq.score_from_char is not None and seq.text is None:
+                raise InvalidRequest(f"{field}.score_from_char", "goes with text only")
+            if seq.text is not None:
+                tok = require_tokenizer(self.tokenizer, f"{field}.text")
+                views.append(from_text(tok, seq.text, seq.score_from_char, field, max_len=max_len,
+                                       add_special_tokens=req.add_special_tokens))
+            elif seq.messages is not None:
+                tok = require_tokenizer(self.tokenizer, f"{field}.messages")
+                views.append(from_messages(tok, seq.messages, field, max_len=max_len,
+                                           chat_template_kwargs=req.chat_template_kwargs))
+            else:
+                views.append(None)
+        return views
 
     def _admit(self, tenant: Tenant, tokens: int) -> None:
         """The experiment's in-flight token quota: over it -> 429, never a queue that grows."""
@@ -309,6 +372,10 @@ def _check_vocab(field: str, arr: np.ndarray, vocab: int) -> None:
 
 
 def _validate_sequence(field: str, seq: SequenceIn, info: ModelInfo, max_cands: int, req: ScoreRequest) -> ScoreItem:
+    if seq.token_ids is None:
+        raise InvalidRequest(f"{field}.token_ids", "is required (or send the sequence as text or messages)")
+    if seq.score_from_char is not None:
+        raise InvalidRequest(f"{field}.score_from_char", "goes with text only")
     ids = _int_array(f"{field}.token_ids", seq.token_ids, 1)
     n = ids.shape[0]
     if n < 2:
@@ -316,7 +383,7 @@ def _validate_sequence(field: str, seq: SequenceIn, info: ModelInfo, max_cands: 
     if n > info.max_model_len:
         raise InvalidRequest(f"{field}.token_ids", f"{n} tokens exceeds the model's max length {info.max_model_len}")
     _check_vocab(f"{field}.token_ids", ids, info.vocab_size)
-    s = seq.score_from
+    s = 1 if seq.score_from is None else seq.score_from
     if not isinstance(s, (int, np.integer)) or isinstance(s, bool) or not 1 <= s < n:
         raise InvalidRequest(f"{field}.score_from", f"must be an integer in [1, {n - 1}] for {n} tokens, got {s!r}")
     cands = None

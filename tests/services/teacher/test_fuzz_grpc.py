@@ -74,7 +74,11 @@ def random_message(cls, rng: random.Random, depth: int = 0):
         if rng.random() < 0.2:
             continue
         nested = f.type == F.TYPE_MESSAGE
-        if f.is_repeated:
+        if nested and f.message_type.GetOptions().map_entry:     # a map<K, V> of scalars
+            key, value = f.message_type.fields_by_name["key"], f.message_type.fields_by_name["value"]
+            for _ in range(rng.choice((0, 1, 3))):
+                getattr(msg, f.name)[_scalar(key, rng)] = _scalar(value, rng)
+        elif f.is_repeated:
             huge = rng.random() < 0.02 and not nested
             n = 300_000 if huge else rng.choice((0, 1, 2, 3, 5, 8, 40) if not nested else (0, 1, 2, 4, 16))
             if depth > 2:

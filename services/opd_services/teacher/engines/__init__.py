@@ -22,6 +22,18 @@ def model_dir(settings: Settings) -> Path:
     return path
 
 
+def tokenizer_factory(settings: Settings) -> Callable[[], object]:
+    """The model folder's tokenizer (teacher/text), loaded beside the engine; None for the uniform engine."""
+    if settings.engine == "uniform":
+        return lambda: None
+    path = model_dir(settings)
+
+    def load():
+        from opd_services.teacher.text.tokenizer import load_tokenizer
+        return load_tokenizer(path)
+    return load
+
+
 def engine_factory(settings: Settings) -> Callable[[], Engine]:
     if settings.engine == "uniform":
         from opd_services.teacher.engines.uniform_engine import UniformEngine

@@ -106,7 +106,7 @@ def auto_dtype(model_dir: str | Path, cuda: bool) -> str:
 
 
 REVISION_GLOBS = ("*.safetensors", "*.bin", "*.pt", "config.json", "tokenizer*", "*.model",
-                  "vocab*", "merges.txt", "special_tokens_map.json")
+                  "vocab*", "merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template*")
 
 
 def revision_hash(model_dir: str | Path) -> str:

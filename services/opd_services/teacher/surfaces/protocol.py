@@ -6,7 +6,10 @@ this module only checks what the wire format itself cannot express (types, shape
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from opd_client._proto.opd.teacher.v1 import teacher_pb2 as pb
@@ -19,10 +22,19 @@ from opd_services.teacher.service import (GenerateRequest, GenerateResult, Promp
 
 
 class SequenceJSON(BaseModel):
+    """One of token_ids, text or messages."""
     model_config = ConfigDict(extra="forbid")
     id: str = Field("", description="Echoed in the result.")
-    token_ids: list[StrictInt] = Field(..., description="Token ids, length L >= 2.")
-    score_from: StrictInt = Field(1, description="First scored position s, 1 <= s < L.")
+    token_ids: list[StrictInt] | None = Field(None, description="Token ids, length L >= 2.")
+    score_from: StrictInt | None = Field(None, description="With token_ids: first scored position s, 1 <= s < L "
+                                                           "(default 1).")
+    text: str | None = Field(None, description="Text, tokenized by the teacher's tokenizer (special tokens added "
+                                               "unless add_special_tokens is false).")
+    score_from_char: StrictInt | None = Field(None, description="With text: the character where scoring starts (a "
+                                                                "token boundary); default: after the first token.")
+    messages: list[dict[str, Any]] | None = Field(
+        None, description="Chat messages ({role, content, [score]}), rendered with the model's chat template; "
+                          "scoring runs from the first scored message (assistant ones, or score: true) to the end.")
     candidate_ids: list[list[StrictInt]] | None = Field(
         None, description="Per scored position (L - s rows), the token ids whose logprobs you want.")
 
@@ -34,12 +46,25 @@ class ScoreRequestJSON(BaseModel):
     temperature: float = Field(1.0, description="Logits are divided by it before log-softmax; > 0.")
     entropy: StrictBool = Field(False, description="Also return the teacher's entropy per position.")
     teacher: str = Field("", description="The teacher meant (its OPD_TEACHER_NAME); another name -> 404. Empty = any.")
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description="messages: extra chat template variables, "
+                                                                          "e.g. {\"enable_thinking\": false}.")
+    add_special_tokens: StrictBool = Field(True, description="text: let the tokenizer add its special tokens (BOS).")
 
     def to_request(self) -> ScoreRequest:
         return ScoreRequest(
             sequences=[SequenceIn(token_ids=s.token_ids, score_from=s.score_from, id=s.id,
-                                  candidate_ids=s.candidate_ids) for s in self.sequences],
-            top_k=self.top_k, temperature=self.temperature, entropy=self.entropy, teacher=self.teacher)
+                                  candidate_ids=s.candidate_ids, text=s.text, score_from_char=s.score_from_char,
+                                  messages=s.messages) for s in self.sequences],
+            top_k=self.top_k, temperature=self.temperature, entropy=self.entropy, teacher=self.teacher,
+            chat_template_kwargs=self.chat_template_kwargs, add_special_tokens=self.add_special_tokens)
+
+
+class TokenizerJSON(BaseModel):
+    name: str
+    vocab_size: int
+    special_ids: dict[str, int]
+    files_sha256: str
+    chat_template_sha256: str
 
 
 class ModelJSON(BaseModel):
@@ -52,6 +77,7 @@ class ModelJSON(BaseModel):
     max_model_len: int
     max_top_k: int
     teacher: str = ""
+    tokenizer: TokenizerJSON | None = None
 
 
 class SequenceResultJSON(BaseModel):
@@ -61,6 +87,14 @@ class SequenceResultJSON(BaseModel):
     top_logprobs: list[list[float]] | None = None
     candidate_logprobs: list[list[float]] | None = None
     entropy: list[float] | None = None
+    token_ids: list[int] | None = Field(None, description="text / messages: the ids scored (the whole sequence).")
+    score_from: int | None = Field(None, description="text / messages: the first scored position.")
+    offsets: list[list[int]] | None = Field(None, description="text / messages: per scored token, its characters "
+                                                              "[start, end) in `text` (or in the sent text).")
+    text: str | None = Field(None, description="messages: the rendered chat text the offsets refer to.")
+    message_spans: list[list[int]] | None = Field(None, description="messages: per message, its tokens [start, end) "
+                                                                    "(end-of-turn token included); [-1, -1] = not "
+                                                                    "rendered verbatim.")
 
 
 class UsageJSON(BaseModel):
@@ -79,7 +113,7 @@ class ScoreResponseJSON(BaseModel):
 def result_json(res: ScoreResult) -> dict:
     """A dict for orjson with OPT_SERIALIZE_NUMPY: arrays are written without Python lists."""
     results = []
-    for rid, sc in zip(res.ids, res.scores):
+    for rid, sc, view in zip(res.ids, res.scores, res.views or [None] * len(res.ids)):
         r = {"id": rid, "logprobs": sc.logprobs_T}
         if sc.top_ids_T_K is not None:
             r["top_ids"] = np.ascontiguousarray(sc.top_ids_T_K)
@@ -88,6 +122,11 @@ def result_json(res: ScoreResult) -> dict:
             r["candidate_logprobs"] = np.ascontiguousarray(sc.candidate_logprobs_T_C)
         if sc.entropy_T is not None:
             r["entropy"] = sc.entropy_T
+        if view is not None:
+            r |= {"token_ids": view.token_ids_L, "score_from": view.score_from,
+                  "offsets": np.ascontiguousarray(view.offsets_T_2)}
+            if view.message_spans_M_2 is not None:
+                r |= {"text": view.text, "message_spans": view.message_spans_M_2}
         results.append(r)
     return {"model": res.model.to_dict(), "results": results, "top_k": res.top_k,
             "usage": {"scored_tokens": res.scored_tokens, "total_tokens": res.total_tokens}}
@@ -142,6 +181,38 @@ def generate_json(res: GenerateResult) -> dict:
 # ---- gRPC --------------------------------------------------------------------------------
 
 
+def _messages_from_proto(msgs, field: str) -> list[dict] | None:
+    if not msgs:
+        return None
+    out = []
+    for j, m in enumerate(msgs):
+        d = {}
+        if m.extra_json:
+            try:
+                d = orjson.loads(m.extra_json)
+            except orjson.JSONDecodeError as e:
+                raise InvalidRequest(f"{field}.messages[{j}].extra_json", f"malformed JSON: {e}") from None
+            if not isinstance(d, dict):
+                raise InvalidRequest(f"{field}.messages[{j}].extra_json", "must be a JSON object")
+        d |= {"role": m.role, "content": m.content}
+        if m.HasField("score"):
+            d["score"] = m.score
+        out.append(d)
+    return out
+
+
+def _json_object(raw: str, field: str) -> dict | None:
+    if not raw:
+        return None
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise InvalidRequest(field, f"malformed JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise InvalidRequest(field, "must be a JSON object")
+    return value
+
+
 def request_from_proto(msg: pb.ScoreRequest) -> ScoreRequest:
     seqs = []
     for i, s in enumerate(msg.sequences):
@@ -152,21 +223,32 @@ def request_from_proto(msg: pb.ScoreRequest) -> ScoreRequest:
                 raise InvalidRequest(f"sequences[{i}].candidate_ids",
                                      f"{flat.size} ids do not fill rows of candidate_width={s.candidate_width}")
             cands = flat.reshape(-1, s.candidate_width)
-        seqs.append(SequenceIn(token_ids=np.array(s.token_ids, dtype=np.int64),
-                               score_from=s.score_from or 1, id=s.id, candidate_ids=cands))
+        text = s.text if s.HasField("text") else None
+        messages = _messages_from_proto(s.messages, f"sequences[{i}]")
+        ids = np.array(s.token_ids, dtype=np.int64) if len(s.token_ids) or (text is None and messages is None) else None
+        seqs.append(SequenceIn(token_ids=ids, score_from=s.score_from or None, id=s.id, candidate_ids=cands,
+                               text=text, score_from_char=s.score_from_char if s.HasField("score_from_char") else None,
+                               messages=messages))
     temperature = msg.temperature if msg.HasField("temperature") else 1.0
     return ScoreRequest(sequences=seqs, top_k=msg.top_k, temperature=temperature, entropy=msg.entropy,
-                        teacher=msg.teacher)
+                        teacher=msg.teacher,
+                        chat_template_kwargs=_json_object(msg.chat_template_kwargs_json, "chat_template_kwargs_json"),
+                        add_special_tokens=msg.add_special_tokens if msg.HasField("add_special_tokens") else True)
 
 
 def model_proto(info: ModelInfo) -> pb.ModelInfo:
-    return pb.ModelInfo(**info.to_dict())
+    d = info.to_dict()
+    tok = d.pop("tokenizer")
+    out = pb.ModelInfo(**d)
+    if tok is not None:
+        out.tokenizer.CopyFrom(pb.TokenizerInfo(**tok))
+    return out
 
 
 def result_proto(res: ScoreResult) -> pb.ScoreResponse:
     out = pb.ScoreResponse(model=model_proto(res.model), top_k=res.top_k,
                            usage=pb.Usage(scored_tokens=res.scored_tokens, total_tokens=res.total_tokens))
-    for rid, sc in zip(res.ids, res.scores):
+    for rid, sc, view in zip(res.ids, res.scores, res.views or [None] * len(res.ids)):
         r = out.results.add(id=rid, logprobs=sc.logprobs_T.tolist())
         if sc.top_ids_T_K is not None:
             r.top_ids.extend(sc.top_ids_T_K.reshape(-1).tolist())
@@ -176,6 +258,13 @@ def result_proto(res: ScoreResult) -> pb.ScoreResponse:
             r.candidate_width = sc.candidate_logprobs_T_C.shape[1]
         if sc.entropy_T is not None:
             r.entropy.extend(sc.entropy_T.tolist())
+        if view is not None:
+            r.token_ids.extend(view.token_ids_L.tolist())
+            r.score_from = view.score_from
+            r.offsets.extend(view.offsets_T_2.reshape(-1).tolist())
+            if view.message_spans_M_2 is not None:
+                r.text = view.text
+                r.message_spans.extend(view.message_spans_M_2.reshape(-1).tolist())
     return out
 
 

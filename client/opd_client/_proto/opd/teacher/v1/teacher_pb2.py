@@ -24,37 +24,45 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1copd/teacher/v1/teacher.proto\x12\x0eopd.teacher.v1\"m\n\x08Sequence\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x12\n\nscore_from\x18\x03 \x01(\x05\x12\x15\n\rcandidate_ids\x18\x04 \x03(\x05\x12\x17\n\x0f\x63\x61ndidate_width\x18\x05 \x01(\x05\"\x96\x01\n\x0cScoreRequest\x12+\n\tsequences\x18\x01 \x03(\x0b\x32\x18.opd.teacher.v1.Sequence\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x0f\n\x07\x65ntropy\x18\x04 \x01(\x08\x12\x0f\n\x07teacher\x18\x05 \x01(\tB\x0e\n\x0c_temperature\"\x9b\x01\n\x0eSequenceResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x0f\n\x07top_ids\x18\x03 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\x12\x1a\n\x12\x63\x61ndidate_logprobs\x18\x05 \x03(\x02\x12\x17\n\x0f\x63\x61ndidate_width\x18\x06 \x01(\x05\x12\x0f\n\x07\x65ntropy\x18\x07 \x03(\x02\"4\n\x05Usage\x12\x15\n\rscored_tokens\x18\x01 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x02 \x01(\x03\"\xb1\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x02 \x01(\t\x12\x16\n\x0e\x65ngine_version\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x10\n\x08revision\x18\x05 \x01(\t\x12\x12\n\nvocab_size\x18\x06 \x01(\x05\x12\x15\n\rmax_model_len\x18\x07 \x01(\x05\x12\x11\n\tmax_top_k\x18\x08 \x01(\x05\x12\x0f\n\x07teacher\x18\t \x01(\t\"\x9f\x01\n\rScoreResponse\x12(\n\x05model\x18\x01 \x01(\x0b\x32\x19.opd.teacher.v1.ModelInfo\x12/\n\x07results\x18\x02 \x03(\x0b\x32\x1e.opd.teacher.v1.SequenceResult\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12$\n\x05usage\x18\x04 \x01(\x0b\x32\x15.opd.teacher.v1.Usage\"\x11\n\x0fGetModelRequest\"\'\n\x06Prompt\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"\xa6\x01\n\x0fGenerateRequest\x12\'\n\x07prompts\x18\x01 \x03(\x0b\x32\x16.opd.teacher.v1.Prompt\x12\x12\n\nmax_tokens\x18\x02 \x01(\x05\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x10\n\x08stop_ids\x18\x04 \x03(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x01\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x07\n\x05_seed\"T\n\nGeneration\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\"@\n\rGenerateUsage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x18\n\x10generated_tokens\x18\x02 \x01(\x03\"\x97\x01\n\x10GenerateResponse\x12(\n\x05model\x18\x01 \x01(\x0b\x32\x19.opd.teacher.v1.ModelInfo\x12+\n\x07results\x18\x02 \x03(\x0b\x32\x1a.opd.teacher.v1.Generation\x12,\n\x05usage\x18\x03 \x01(\x0b\x32\x1d.opd.teacher.v1.GenerateUsage2\xe6\x01\n\x07Teacher\x12\x44\n\x05Score\x12\x1c.opd.teacher.v1.ScoreRequest\x1a\x1d.opd.teacher.v1.ScoreResponse\x12\x46\n\x08GetModel\x12\x1f.opd.teacher.v1.GetModelRequest\x1a\x19.opd.teacher.v1.ModelInfo\x12M\n\x08Generate\x12\x1f.opd.teacher.v1.GenerateRequest\x1a .opd.teacher.v1.GenerateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1copd/teacher/v1/teacher.proto\x12\x0eopd.teacher.v1\"\xea\x01\n\x08Sequence\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x12\n\nscore_from\x18\x03 \x01(\x05\x12\x15\n\rcandidate_ids\x18\x04 \x03(\x05\x12\x17\n\x0f\x63\x61ndidate_width\x18\x05 \x01(\x05\x12\x11\n\x04text\x18\x06 \x01(\tH\x00\x88\x01\x01\x12\x1c\n\x0fscore_from_char\x18\x07 \x01(\x05H\x01\x88\x01\x01\x12-\n\x08messages\x18\x08 \x03(\x0b\x32\x1b.opd.teacher.v1.ChatMessageB\x07\n\x05_textB\x12\n\x10_score_from_char\"^\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x12\n\x05score\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x12\n\nextra_json\x18\x04 \x01(\tB\x08\n\x06_score\"\xf1\x01\n\x0cScoreRequest\x12+\n\tsequences\x18\x01 \x03(\x0b\x32\x18.opd.teacher.v1.Sequence\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x0f\n\x07\x65ntropy\x18\x04 \x01(\x08\x12\x0f\n\x07teacher\x18\x05 \x01(\t\x12!\n\x19\x63hat_template_kwargs_json\x18\x06 \x01(\t\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x07 \x01(\x08H\x01\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x15\n\x13_add_special_tokens\"\xf8\x01\n\x0eSequenceResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x0f\n\x07top_ids\x18\x03 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\x12\x1a\n\x12\x63\x61ndidate_logprobs\x18\x05 \x03(\x02\x12\x17\n\x0f\x63\x61ndidate_width\x18\x06 \x01(\x05\x12\x0f\n\x07\x65ntropy\x18\x07 \x03(\x02\x12\x11\n\ttoken_ids\x18\x08 \x03(\x05\x12\x12\n\nscore_from\x18\t \x01(\x05\x12\x0f\n\x07offsets\x18\n \x03(\x05\x12\x0c\n\x04text\x18\x0b \x01(\t\x12\x15\n\rmessage_spans\x18\x0c \x03(\x05\"4\n\x05Usage\x12\x15\n\rscored_tokens\x18\x01 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x02 \x01(\x03\"\xe3\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x02 \x01(\t\x12\x16\n\x0e\x65ngine_version\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x10\n\x08revision\x18\x05 \x01(\t\x12\x12\n\nvocab_size\x18\x06 \x01(\x05\x12\x15\n\rmax_model_len\x18\x07 \x01(\x05\x12\x11\n\tmax_top_k\x18\x08 \x01(\x05\x12\x0f\n\x07teacher\x18\t \x01(\t\x12\x30\n\ttokenizer\x18\n \x01(\x0b\x32\x1d.opd.teacher.v1.TokenizerInfo\"\xdc\x01\n\rTokenizerInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x42\n\x0bspecial_ids\x18\x03 \x03(\x0b\x32-.opd.teacher.v1.TokenizerInfo.SpecialIdsEntry\x12\x14\n\x0c\x66iles_sha256\x18\x04 \x01(\t\x12\x1c\n\x14\x63hat_template_sha256\x18\x05 \x01(\t\x1a\x31\n\x0fSpecialIdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\"\x9f\x01\n\rScoreResponse\x12(\n\x05model\x18\x01 \x01(\x0b\x32\x19.opd.teacher.v1.ModelInfo\x12/\n\x07results\x18\x02 \x03(\x0b\x32\x1e.opd.teacher.v1.SequenceResult\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12$\n\x05usage\x18\x04 \x01(\x0b\x32\x15.opd.teacher.v1.Usage\"\x11\n\x0fGetModelRequest\"\'\n\x06Prompt\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"\xa6\x01\n\x0fGenerateRequest\x12\'\n\x07prompts\x18\x01 \x03(\x0b\x32\x16.opd.teacher.v1.Prompt\x12\x12\n\nmax_tokens\x18\x02 \x01(\x05\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x10\n\x08stop_ids\x18\x04 \x03(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x01\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x07\n\x05_seed\"T\n\nGeneration\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\"@\n\rGenerateUsage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x18\n\x10generated_tokens\x18\x02 \x01(\x03\"\x97\x01\n\x10GenerateResponse\x12(\n\x05model\x18\x01 \x01(\x0b\x32\x19.opd.teacher.v1.ModelInfo\x12+\n\x07results\x18\x02 \x03(\x0b\x32\x1a.opd.teacher.v1.Generation\x12,\n\x05usage\x18\x03 \x01(\x0b\x32\x1d.opd.teacher.v1.GenerateUsage2\xe6\x01\n\x07Teacher\x12\x44\n\x05Score\x12\x1c.opd.teacher.v1.ScoreRequest\x1a\x1d.opd.teacher.v1.ScoreResponse\x12\x46\n\x08GetModel\x12\x1f.opd.teacher.v1.GetModelRequest\x1a\x19.opd.teacher.v1.ModelInfo\x12M\n\x08Generate\x12\x1f.opd.teacher.v1.GenerateRequest\x1a .opd.teacher.v1.GenerateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'opd.teacher.v1.teacher_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SEQUENCE']._serialized_start=48
-  _globals['_SEQUENCE']._serialized_end=157
-  _globals['_SCOREREQUEST']._serialized_start=160
-  _globals['_SCOREREQUEST']._serialized_end=310
-  _globals['_SEQUENCERESULT']._serialized_start=313
-  _globals['_SEQUENCERESULT']._serialized_end=468
-  _globals['_USAGE']._serialized_start=470
-  _globals['_USAGE']._serialized_end=522
-  _globals['_MODELINFO']._serialized_start=525
-  _globals['_MODELINFO']._serialized_end=702
-  _globals['_SCORERESPONSE']._serialized_start=705
-  _globals['_SCORERESPONSE']._serialized_end=864
-  _globals['_GETMODELREQUEST']._serialized_start=866
-  _globals['_GETMODELREQUEST']._serialized_end=883
-  _globals['_PROMPT']._serialized_start=885
-  _globals['_PROMPT']._serialized_end=924
-  _globals['_GENERATEREQUEST']._serialized_start=927
-  _globals['_GENERATEREQUEST']._serialized_end=1093
-  _globals['_GENERATION']._serialized_start=1095
-  _globals['_GENERATION']._serialized_end=1179
-  _globals['_GENERATEUSAGE']._serialized_start=1181
-  _globals['_GENERATEUSAGE']._serialized_end=1245
-  _globals['_GENERATERESPONSE']._serialized_start=1248
-  _globals['_GENERATERESPONSE']._serialized_end=1399
-  _globals['_TEACHER']._serialized_start=1402
-  _globals['_TEACHER']._serialized_end=1632
+  _globals['_TOKENIZERINFO_SPECIALIDSENTRY']._loaded_options = None
+  _globals['_TOKENIZERINFO_SPECIALIDSENTRY']._serialized_options = b'8\001'
+  _globals['_SEQUENCE']._serialized_start=49
+  _globals['_SEQUENCE']._serialized_end=283
+  _globals['_CHATMESSAGE']._serialized_start=285
+  _globals['_CHATMESSAGE']._serialized_end=379
+  _globals['_SCOREREQUEST']._serialized_start=382
+  _globals['_SCOREREQUEST']._serialized_end=623
+  _globals['_SEQUENCERESULT']._serialized_start=626
+  _globals['_SEQUENCERESULT']._serialized_end=874
+  _globals['_USAGE']._serialized_start=876
+  _globals['_USAGE']._serialized_end=928
+  _globals['_MODELINFO']._serialized_start=931
+  _globals['_MODELINFO']._serialized_end=1158
+  _globals['_TOKENIZERINFO']._serialized_start=1161
+  _globals['_TOKENIZERINFO']._serialized_end=1381
+  _globals['_TOKENIZERINFO_SPECIALIDSENTRY']._serialized_start=1332
+  _globals['_TOKENIZERINFO_SPECIALIDSENTRY']._serialized_end=1381
+  _globals['_SCORERESPONSE']._serialized_start=1384
+  _globals['_SCORERESPONSE']._serialized_end=1543
+  _globals['_GETMODELREQUEST']._serialized_start=1545
+  _globals['_GETMODELREQUEST']._serialized_end=1562
+  _globals['_PROMPT']._serialized_start=1564
+  _globals['_PROMPT']._serialized_end=1603
+  _globals['_GENERATEREQUEST']._serialized_start=1606
+  _globals['_GENERATEREQUEST']._serialized_end=1772
+  _globals['_GENERATION']._serialized_start=1774
+  _globals['_GENERATION']._serialized_end=1858
+  _globals['_GENERATEUSAGE']._serialized_start=1860
+  _globals['_GENERATEUSAGE']._serialized_end=1924
+  _globals['_GENERATERESPONSE']._serialized_start=1927
+  _globals['_GENERATERESPONSE']._serialized_end=2078
+  _globals['_TEACHER']._serialized_start=2081
+  _globals['_TEACHER']._serialized_end=2311
 # @@protoc_insertion_point(module_scope)
