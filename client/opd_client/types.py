@@ -105,6 +105,17 @@ class ScoreResponse:
 # ---- rollouts: what flows through the queue (encoded by opd_client.codec) ------------------
 # Axes: L = the rollout's tokens; T = L - score_from, the scored (completion) positions.
 
+def check_unicode(text: str, field: str) -> None:
+    """InvalidRequest naming `field` where `text` holds a lone surrogate (no Unicode character, no UTF-8):
+    the one check the client and the teacher both make."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        from opd_client.errors import InvalidRequest
+        raise InvalidRequest(field, f"is not valid Unicode: a lone surrogate at character {e.start}; "
+                                    "send UTF-8 text") from None
+
+
 def _array(name: str, value, dtype, shape: tuple) -> np.ndarray:
     """`value` as a C-contiguous array of `dtype` and `shape` (-1 = any), or InvalidRequest."""
     if (type(value) is np.ndarray and value.dtype == dtype and value.ndim == len(shape)

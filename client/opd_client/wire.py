@@ -12,9 +12,8 @@ from typing import Iterable
 import numpy as np
 
 from opd_client._proto.opd.teacher.v1 import teacher_pb2 as pb
-from opd_client.errors import InvalidRequest
 from opd_client.types import (GenerateResponse, GenerateUsage, Generation, ModelInfo, ScoreResponse, Sequence,
-                              SequenceScores, TokenizerInfo, Usage)
+                              SequenceScores, TokenizerInfo, Usage, check_unicode)
 
 SequenceLike = Sequence | Iterable[int]
 
@@ -25,19 +24,13 @@ def as_sequences(sequences: Iterable[SequenceLike]) -> list[Sequence]:
     out = []
     for i, s in enumerate(sequences):
         s = s if isinstance(s, Sequence) else Sequence(token_ids=list(s))
-        _check_unicode(s.text, f"sequences[{i}].text")
+        if isinstance(s.text, str):
+            check_unicode(s.text, f"sequences[{i}].text")
         for j, m in enumerate(s.messages or ()):
-            _check_unicode(m.get("content") if isinstance(m, dict) else None, f"sequences[{i}].messages[{j}].content")
+            if isinstance(m, dict) and isinstance(m.get("content"), str):
+                check_unicode(m["content"], f"sequences[{i}].messages[{j}].content")
         out.append(s)
     return out
-
-
-def _check_unicode(text, field: str) -> None:
-    if isinstance(text, str):
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise InvalidRequest(field, f"is not valid Unicode: a lone surrogate at character {e.start}") from None
 
 
 def _ids(a) -> list[int]:

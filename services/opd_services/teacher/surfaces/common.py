@@ -7,6 +7,7 @@ the same status in its own protocol's body shape. This module knows no routes of
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -78,11 +79,14 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "none", "dict", "list"}
 
 
 def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
-    """A JSON body validated into a dialect's pydantic model; InvalidRequest naming the first bad field."""
+    """A JSON body validated into a dialect's pydantic model; InvalidRequest naming the first bad field.
+    orjson refuses a string escape such as "\\ud800" (a lone surrogate: no Unicode character) with an
+    error naming no field; such a body is valid JSON to Python's json module, so it is read with that
+    and the first string holding a lone surrogate is named (a 422 like any other bad field)."""
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as e:
-        raise InvalidRequest("body", f"malformed JSON: {e}") from None
+        raise _surrogate_error(raw) or InvalidRequest("body", f"malformed JSON: {e}") from None
     if not isinstance(data, dict):
         raise InvalidRequest("body", "must be a JSON object")
     try:
@@ -90,6 +94,39 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
     except ValidationError as e:
         first = e.errors()[0]
         raise InvalidRequest(loc_field(_wire_loc(tuple(first["loc"]))), first["msg"]) from None
+
+
+def _surrogate_error(raw: bytes) -> InvalidRequest | None:
+    """InvalidRequest naming the first string of a JSON body that holds a lone surrogate, if any."""
+    if b"\\u" not in raw:
+        return None
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    where = _surrogate_at(data, "")
+    if where is None:
+        return None
+    field, at = where
+    return InvalidRequest(field or "body", f"is not valid Unicode: a lone surrogate at character {at}; send UTF-8 text")
+
+
+def _surrogate_at(value, path: str) -> tuple[str, int] | None:
+    """The field path and character index of the first lone surrogate in a parsed JSON value."""
+    if isinstance(value, str):
+        at = next((i for i, c in enumerate(value) if "\ud800" <= c <= "\udfff"), None)
+        return None if at is None else (path, at)
+    if isinstance(value, list):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    elif isinstance(value, dict):
+        items = ((f"{path}.{k}" if path else str(k), v) for k, v in value.items())
+    else:
+        return None
+    for p, v in items:
+        found = _surrogate_at(v, p)
+        if found is not None:
+            return found
+    return None
 
 
 def tenant_dependency(service):

@@ -31,7 +31,6 @@ class Chat:
     text: str
     encoded: Encoded
     spans_M_2: np.ndarray            # int64 [M, 2]: tokens [start, end) of each message's turn; -1 = not found
-    roles: tuple[str, ...]
 
 
 def _content(m: dict, field: str) -> str | None:
@@ -169,8 +168,7 @@ def render(tok: Tokenizer, messages: Any, field: str = "messages", *, add_genera
     except Exception as e:   # jinja's TemplateError and the template's own raise_exception(...)
         raise InvalidRequest(field, f"the model's chat template refused these messages: {e}") from None
     encoded = tok.encode(text, field, add_special_tokens=False)
-    return Chat(text=text, encoded=encoded, spans_M_2=_spans(tok, msgs, text, encoded),
-                roles=tuple(m["role"] for m in msgs))
+    return Chat(text=text, encoded=encoded, spans_M_2=_spans(tok, msgs, text, encoded))
 
 
 def _spans(tok: Tokenizer, msgs: list[dict], text: str, enc: Encoded) -> np.ndarray:

@@ -7,6 +7,7 @@
     scored message's first token (assistant messages are scored, any message may say
     `"score": true|false`) and runs to the end; each message's token span is returned so a
     trainer can mask the turns it does not train on.
+`encode_prompts` and `check_length` are the same checks for the dialects' text prompts.
 The answer (`TextView`) carries the ids that were scored, each token's character offsets in the
 text (for messages, in the rendered text) and the spans. This module does not score.
 """
@@ -18,7 +19,7 @@ import numpy as np
 
 from opd_services.errors import InvalidRequest
 from opd_services.teacher.text.chat import render
-from opd_services.teacher.text.tokenizer import Tokenizer, check_text
+from opd_services.teacher.text.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,20 +37,38 @@ class TextView:
         return self.offsets_L_2[self.score_from:]
 
 
-def _check_length(field: str, n: int, max_len: int) -> None:
+def check_length(n: int, field: str, max_len: int, what: str = "") -> None:
+    """A text's tokens against the model's max length, the count in the message."""
     if n > max_len:
-        raise InvalidRequest(field, f"is {n} tokens long; the model's max length is {max_len} tokens: shorten it "
-                                    f"by {n - max_len} tokens")
+        raise InvalidRequest(field, f"{what}is {n} tokens long; the model's max length is {max_len} tokens: "
+                                    f"shorten it by {n - max_len} tokens")
+
+
+def _check_scorable(n: int, field: str, max_len: int) -> None:
+    check_length(n, field, max_len)
     if n < 2:
         raise InvalidRequest(field, f"gives {n} token(s); scoring needs at least 2")
 
 
+def encode_prompts(tok: Tokenizer, texts: list[str], fields: list[str], *, add_special_tokens: bool,
+                   max_len: int) -> list[list[int]]:
+    """Each prompt text's token ids (the dialects' `tokenizer(text, add_special_tokens=...)`), each
+    non-empty and within the model's max length."""
+    out = []
+    for text, field in zip(texts, fields):
+        ids = tok.encode(text, field, add_special_tokens=add_special_tokens).ids_L.tolist()
+        if not ids:
+            raise InvalidRequest(field, "tokenizes to no tokens; send a non-empty text")
+        check_length(len(ids), field, max_len)
+        out.append(ids)
+    return out
+
+
 def from_text(tok: Tokenizer, text: str, score_from_char: int | None, field: str, *, max_len: int,
               add_special_tokens: bool = True) -> TextView:
-    check_text(text, f"{field}.text")
     enc = tok.encode(text, f"{field}.text", add_special_tokens=add_special_tokens)
     n = int(enc.ids_L.shape[0])
-    _check_length(f"{field}.text", n, max_len)
+    _check_scorable(n, f"{field}.text", max_len)
     if score_from_char is None:
         return TextView(enc.ids_L, enc.offsets_L_2, 1, text)
     b = score_from_char
@@ -77,7 +96,7 @@ def from_messages(tok: Tokenizer, messages, field: str, *, max_len: int, chat_te
     scored = [_scored(m, f"{field}.messages[{i}]") for i, m in enumerate(messages)]
     chat = render(tok, messages, f"{field}.messages", chat_template_kwargs=chat_template_kwargs, tools=tools)
     n = int(chat.encoded.ids_L.shape[0])
-    _check_length(f"{field}.messages", n, max_len)
+    _check_scorable(n, f"{field}.messages", max_len)
     first = next((i for i, s in enumerate(scored) if s), None)
     if first is None:
         raise InvalidRequest(f"{field}.messages", "no message is scored: assistant messages are, and any message "

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from opd_client.tokenizer_id import chat_template, files_sha256, has_tokenizer, template_sha256
-from opd_client.types import TokenizerInfo
+from opd_client.types import TokenizerInfo, check_unicode
 from opd_services.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
@@ -64,12 +64,6 @@ class Tokenizer:
         return Encoded(ids, offsets)
 
     # ---- decoding ---------------------------------------------------------------------------
-
-    def check_ids(self, ids, field: str) -> None:
-        bad = [i for i in ids if not 0 <= i < self.info.vocab_size]
-        if bad:
-            raise InvalidRequest(field, f"token id {bad[0]} is outside the tokenizer's vocabulary "
-                                        f"[0, {self.info.vocab_size})")
 
     def decode(self, ids, *, skip_special_tokens: bool = False) -> str:
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
@@ -170,11 +164,7 @@ def _restore_spaces(piece: str, text: str, marker: str) -> str:
 def check_text(text, field: str) -> None:
     if not isinstance(text, str):
         raise InvalidRequest(field, f"must be a string, got {type(text).__name__}")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise InvalidRequest(field, f"is not valid Unicode: a lone surrogate at character {e.start}; "
-                                    "send UTF-8 text") from None
+    check_unicode(text, field)
 
 
 def require(tok: Tokenizer | None, field: str) -> Tokenizer:

@@ -40,8 +40,9 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt
 
 from opd_services.errors import InvalidRequest, OPDError
 from opd_services.teacher.service import GenerateRequest, PromptIn, ScoreRequest, ScoringService, SequenceIn
-from opd_services.teacher.surfaces.common import error_response, error_status, json_response, tenant_dependency
-from opd_services.teacher.surfaces.dialects.bodies import parse_text_body
+from opd_services.teacher.surfaces.common import (error_response, error_status, json_response, parse_body,
+                                                  tenant_dependency)
+from opd_services.teacher.text.sequences import encode_prompts
 from opd_services.teacher.text.tokenizer import Tokenizer, require, run
 
 ROUTES = {"/generate"}
@@ -150,26 +151,14 @@ def _check_request(req: GenerateReqInput, tok: Tokenizer | None) -> tuple[str, l
     return "input_ids", req.input_ids if batched else [req.input_ids], batched
 
 
-def _tokenize(tok: Tokenizer, texts: list[str], batched: bool, max_len: int) -> list[list[int]]:
-    """SGLang's tokenizer(text): special tokens added; each input checked against the context length."""
-    out = []
-    for i, text in enumerate(texts):
-        field = f"text[{i}]" if batched else "text"
-        ids = tok.encode(text, field, add_special_tokens=True).ids_L.tolist()
-        if not ids:
-            raise InvalidRequest(field, "tokenizes to no tokens; send a non-empty text")
-        if len(ids) > max_len:
-            raise InvalidRequest(field, f"is {len(ids)} tokens, more than this model's context length of {max_len} "
-                                        "tokens; shorten it")
-        out.append(ids)
-    return out
-
-
 async def _items(req: GenerateReqInput, service: ScoringService) -> tuple[list[_Item], bool]:
     """Checked inputs and whether the request was a batch (a batch is answered with a list)."""
     source, inputs, batched = _check_request(req, service.tokenizer)
     if source == "text":
-        inputs = await run(_tokenize, service.tokenizer, inputs, batched, service.model_info().max_model_len)
+        fields = [f"text[{i}]" if batched else "text" for i in range(len(inputs))]
+        # SGLang's tokenizer(text): special tokens added
+        inputs = await run(encode_prompts, service.tokenizer, inputs, fields, add_special_tokens=True,
+                           max_len=service.model_info().max_model_len)
     n = len(inputs)
     sps = _each(req.sampling_params, n, batched, "sampling_params", SamplingParams(),
                 isinstance(req.sampling_params, list))
@@ -383,7 +372,7 @@ def mount(app: FastAPI, service: ScoringService) -> None:
         """SGLang's native /generate: input logprobs (max_new_tokens 0) and sampling; see docs/dialects.md."""
         try:
             who = await tenant(request)
-            req = parse_text_body(await request.body(), GenerateReqInput)
+            req = parse_body(await request.body(), GenerateReqInput)
             return json_response(await _generate(service, req, who))
         except Exception as e:  # this surface's one mapping, in SGLang's error shape
             return sglang_error(e)

@@ -38,14 +38,14 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from opd_services.errors import InvalidRequest, OPDError
 from opd_services.teacher.service import ScoringService
-from opd_services.teacher.surfaces.common import json_response, tenant_dependency
+from opd_services.teacher.surfaces.common import json_response, parse_body, tenant_dependency
 from opd_services.teacher.surfaces.dialects import vllm_chat, vllm_tokenize
-from opd_services.teacher.surfaces.dialects.bodies import parse_text_body
 from opd_services.teacher.surfaces.dialects.vllm_core import (Answer, Ask, answer, check_model, check_sampling,
                                                               stop_reason, usage, vllm_error)
 from opd_services.teacher.surfaces.dialects.vllm_logprobs import (completion_logprobs, completion_logprobs_ids,
                                                                   positions, prompt_logprobs, tokens_logprobs)
-from opd_services.teacher.surfaces.dialects.vllm_text import Decoded, decode_answer, text_prompts
+from opd_services.teacher.surfaces.dialects.vllm_text import Decoded, decode_answer
+from opd_services.teacher.text.sequences import encode_prompts
 from opd_services.teacher.text.tokenizer import Tokenizer, require, run
 
 ROUTES = ({"/health", "/v1/models", "/v1/completions", "/inference/v1/generate"}
@@ -166,7 +166,7 @@ async def _tokenized(ask: Ask, kind: str, prompts: list, tok: Tokenizer | None, 
     if kind == "ids":
         return _with_prompts(ask, prompts)
     fields = ["prompt"] if isinstance(req.prompt, str) else [f"prompt[{i}]" for i in range(len(prompts))]
-    ids = await run(text_prompts, tok, prompts, fields, add_special_tokens=req.add_special_tokens, max_len=max_len)
+    ids = await run(encode_prompts, tok, prompts, fields, add_special_tokens=req.add_special_tokens, max_len=max_len)
     return _with_prompts(ask, ids)
 
 
@@ -261,7 +261,7 @@ def _tokens_response(info, req: TokensGenerateRequest, ask: Ask, a: Answer) -> d
 # ---- routes -------------------------------------------------------------------------------------
 
 async def _complete(service: ScoringService, request: Request, who) -> dict:
-    req = parse_text_body(await request.body(), CompletionRequest)
+    req = parse_body(await request.body(), CompletionRequest)
     info, tok = service.model_info(), service.tokenizer
     ask, kind, prompts = _completion_ask(req, info.name, tok)
     ask = await _tokenized(ask, kind, prompts, tok, req, info.max_model_len)
@@ -305,7 +305,7 @@ def mount(app: FastAPI, service: ScoringService) -> None:
         """vLLM's token-in/token-out /inference/v1/generate (prime-rl): prompt_logprobs, sampling; see docs/vllm.md."""
         try:
             who = await tenant(request)
-            req = parse_text_body(await request.body(), TokensGenerateRequest)
+            req = parse_body(await request.body(), TokensGenerateRequest)
             info = service.model_info()
             ask = _tokens_ask(req, info.name)
             answers = await answer(service, ask, who, rank=ask.logprobs is not None)

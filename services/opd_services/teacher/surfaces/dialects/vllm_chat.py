@@ -26,13 +26,13 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt
 
 from opd_services.errors import InvalidRequest
 from opd_services.teacher.service import ScoringService
-from opd_services.teacher.surfaces.common import json_response, tenant_dependency
-from opd_services.teacher.surfaces.dialects.bodies import parse_text_body
+from opd_services.teacher.surfaces.common import json_response, parse_body, tenant_dependency
 from opd_services.teacher.surfaces.dialects.vllm_core import (Answer, Ask, answer, check_model, check_sampling,
                                                               stop_reason, usage, vllm_error)
 from opd_services.teacher.surfaces.dialects.vllm_logprobs import chat_logprobs, prompt_logprobs
-from opd_services.teacher.surfaces.dialects.vllm_text import check_length, decode_answer
+from opd_services.teacher.surfaces.dialects.vllm_text import decode_answer
 from opd_services.teacher.text import chat as chat_text
+from opd_services.teacher.text.sequences import check_length
 from opd_services.teacher.text.tokenizer import Tokenizer, require, run
 
 ROUTES = {"/v1/chat/completions"}
@@ -165,7 +165,7 @@ def _response(info, req: ChatRequest, ask: Ask, a: Answer, tok: Tokenizer, promp
 
 
 async def _chat(service: ScoringService, request: Request, who) -> dict:
-    req = parse_text_body(await request.body(), ChatRequest)
+    req = parse_body(await request.body(), ChatRequest)
     info = service.model_info()
     tok = check_request(req, info.name, service.tokenizer)
     chat, ids = await run(render_ids, tok, req.messages, add_generation_prompt=req.add_generation_prompt,

@@ -1,8 +1,6 @@
 """The vLLM dialect's text side: text prompts become ids and answers' tokens become text, as vLLM 0.32
 does with its tokenizer, always through text/ (the model folder's tokenizer).
 
-  - `text_prompts`: vLLM's renderer for completions (tokenizer(text, add_special_tokens=...)), each
-    prompt checked against max_model_len with its token count;
   - `decode_answer`: what a response needs from the tokenizer for one answer: decoded tokens of the
     prompt and sample logprob positions (vLLM's LogprobsProcessor), the sample's text (vLLM's
     incremental detokenizer, primed with the prompt, the stop token left out, special tokens
@@ -15,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from opd_services.errors import InvalidRequest
 from opd_services.teacher.surfaces.dialects.vllm_core import Answer
 from opd_services.teacher.surfaces.dialects.vllm_logprobs import Entry, positions
 from opd_services.teacher.text.tokenizer import Tokenizer
@@ -29,25 +26,6 @@ class Decoded:
     sample_text: str
     prompt_text: str                        # the prompt as text (echo)
     first_text: str                         # the prompt's first token alone (echo's unscored entry)
-
-
-def check_length(n_tokens: int, field: str, max_len: int, what: str = "") -> None:
-    if n_tokens > max_len:
-        raise InvalidRequest(field, f"{what}is {n_tokens} tokens, more than this model's maximum context length "
-                                    f"of {max_len} tokens; shorten it")
-
-
-def text_prompts(tok: Tokenizer, texts: list[str], fields: list[str], *, add_special_tokens: bool,
-                 max_len: int) -> list[list[int]]:
-    """Each text's token ids (vLLM: tokenizer(prompt, add_special_tokens=...)), checked."""
-    out = []
-    for text, field in zip(texts, fields):
-        ids = tok.encode(text, field, add_special_tokens=add_special_tokens).ids_L.tolist()
-        if not ids:
-            raise InvalidRequest(field, "tokenizes to no tokens; send a non-empty text")
-        check_length(len(ids), field, max_len)
-        out.append(ids)
-    return out
 
 
 def _rows(tok: Tokenizer | None, actual: list[int], sc, k: int) -> list[list[Entry]]:

@@ -18,8 +18,7 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt
 
 from opd_services.errors import InvalidRequest
 from opd_services.teacher.service import ScoringService
-from opd_services.teacher.surfaces.common import json_response, tenant_dependency
-from opd_services.teacher.surfaces.dialects.bodies import parse_text_body
+from opd_services.teacher.surfaces.common import json_response, parse_body, tenant_dependency
 from opd_services.teacher.surfaces.dialects.vllm_chat import check_tool_choice, render_ids
 from opd_services.teacher.surfaces.dialects.vllm_core import check_model, vllm_error
 from opd_services.teacher.text.tokenizer import Tokenizer, require, run
@@ -96,7 +95,7 @@ def mount(app: FastAPI, service: ScoringService) -> None:
         """vLLM's /tokenize: a prompt or chat messages -> token ids (count, max_model_len, token_strs)."""
         try:
             await tenant(request)
-            req = parse_text_body(await request.body(), TokenizeRequest)
+            req = parse_body(await request.body(), TokenizeRequest)
             info = service.model_info()
             tok = _check_tokenize(req, info.name, service.tokenizer)
             return json_response(await run(_tokenized, tok, req, info.max_model_len))
@@ -108,7 +107,7 @@ def mount(app: FastAPI, service: ScoringService) -> None:
         """vLLM's /detokenize: token ids -> {"prompt": text}."""
         try:
             await tenant(request)
-            req = parse_text_body(await request.body(), DetokenizeRequest)
+            req = parse_body(await request.body(), DetokenizeRequest)
             info = service.model_info()
             check_model(req.model, info.name)
             tok = require(service.tokenizer, "tokens")
