@@ -88,7 +88,7 @@ class ScoreResult:
     top_k: int
     scored_tokens: int
     total_tokens: int
-    views: list = dataclasses.field(default_factory=list)   # per sequence: TextView (text / messages) or None
+    views: list                     # per sequence: TextView (text / messages) or None
 
 
 class ScoringService:

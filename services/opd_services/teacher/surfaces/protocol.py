@@ -113,7 +113,7 @@ class ScoreResponseJSON(BaseModel):
 def result_json(res: ScoreResult) -> dict:
     """A dict for orjson with OPT_SERIALIZE_NUMPY: arrays are written without Python lists."""
     results = []
-    for rid, sc, view in zip(res.ids, res.scores, res.views or [None] * len(res.ids)):
+    for rid, sc, view in zip(res.ids, res.scores, res.views):
         r = {"id": rid, "logprobs": sc.logprobs_T}
         if sc.top_ids_T_K is not None:
             r["top_ids"] = np.ascontiguousarray(sc.top_ids_T_K)
@@ -248,7 +248,7 @@ def model_proto(info: ModelInfo) -> pb.ModelInfo:
 def result_proto(res: ScoreResult) -> pb.ScoreResponse:
     out = pb.ScoreResponse(model=model_proto(res.model), top_k=res.top_k,
                            usage=pb.Usage(scored_tokens=res.scored_tokens, total_tokens=res.total_tokens))
-    for rid, sc, view in zip(res.ids, res.scores, res.views or [None] * len(res.ids)):
+    for rid, sc, view in zip(res.ids, res.scores, res.views):
         r = out.results.add(id=rid, logprobs=sc.logprobs_T.tolist())
         if sc.top_ids_T_K is not None:
             r.top_ids.extend(sc.top_ids_T_K.reshape(-1).tolist())
