@@ -114,31 +114,22 @@ DEFAULT_TEACHER = ("qwen3", FamilyShape(hidden_size=128, num_hidden_layers=4, nu
 
 def family_config(family: str, shape: FamilyShape, tokenizer_dir: Path):
     """transformers' own config class of the family, its special ids read from the tokenizer."""
-    import json
+    from transformers import AutoTokenizer
 
     from opd_services.modeling.tokenizers import PINNED
-    tok = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
-    ids = {t["content"]: int(i) for i, t in tok.get("added_tokens_decoder", {}).items()}
-    if not ids:   # Llama-3's config lists no added tokens: read them from tokenizer.json
-        ids = {t["content"]: int(t["id"]) for t in json.loads((tokenizer_dir / "tokenizer.json").read_text())["added_tokens"]}
-
-    def special(name):
-        value = tok.get(name)
-        value = value.get("content") if isinstance(value, dict) else value
-        return ids.get(value) if value else None
-
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     common = dict(vocab_size=PINNED[family].vocab_size, hidden_size=shape.hidden_size,
                   num_hidden_layers=shape.num_hidden_layers, num_attention_heads=shape.num_attention_heads,
                   num_key_value_heads=shape.num_key_value_heads, head_dim=shape.head_dim,
                   intermediate_size=shape.intermediate_size, max_position_embeddings=shape.max_position_embeddings,
-                  bos_token_id=special("bos_token"), eos_token_id=special("eos_token"), pad_token_id=special("pad_token"),
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                   tie_word_embeddings=True)
     if family == "qwen3":
         from transformers import Qwen3Config
         return Qwen3Config(**common, rope_theta=1_000_000.0)
     if family == "llama3":
         from transformers import LlamaConfig
-        common["eos_token_id"] = [ids["<|end_of_text|>"], ids["<|eot_id|>"]]   # as Llama-3 Instruct ships it
+        common["eos_token_id"] = tok.convert_tokens_to_ids(["<|end_of_text|>", "<|eot_id|>"])   # as Llama-3 Instruct ships it
         return LlamaConfig(**common, rope_theta=500_000.0,
                            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 1024})
