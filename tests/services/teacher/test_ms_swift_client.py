@@ -35,16 +35,23 @@ for topk in json.loads(sys.argv[3]):
 """
 
 
+def _share_our_site(py: Path) -> None:
+    """Put this interpreter's site-packages last on the cached venv's path (our torch): rewritten on
+    every run, since the cache outlives the checkout whose virtualenv built it."""
+    site = Path(subprocess.check_output([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                        text=True).strip())
+    (site / "zz_opd_shared.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+
+
 def _venv() -> Path:
     root = Path(os.environ.get("OPD_MS_SWIFT_VENV", Path.home() / ".cache/opd/ms-swift-4.2-venv"))
     py = root / "bin/python"
     if (root / ".built").exists():
+        _share_our_site(py)
         return py
     import torch
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(root)], check=True)
-    site = Path(subprocess.check_output([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                        text=True).strip())
-    (site / "zz_opd_shared.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")   # our torch, last on the path
+    _share_our_site(py)
     r = subprocess.run([str(py), "-m", "pip", "install", "-q", MS_SWIFT, f"torch=={torch.__version__}"],
                        capture_output=True, text=True, timeout=1200)
     if r.returncode != 0:
