@@ -162,18 +162,20 @@ class Prompt(_message.Message):
     def __init__(self, id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompts", "max_tokens", "temperature", "stop_ids", "seed")
+    __slots__ = ("prompts", "max_tokens", "temperature", "stop_ids", "seed", "teacher")
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     STOP_IDS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    TEACHER_FIELD_NUMBER: _ClassVar[int]
     prompts: _containers.RepeatedCompositeFieldContainer[Prompt]
     max_tokens: int
     temperature: float
     stop_ids: _containers.RepeatedScalarFieldContainer[int]
     seed: int
-    def __init__(self, prompts: _Optional[_Iterable[_Union[Prompt, _Mapping]]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., stop_ids: _Optional[_Iterable[int]] = ..., seed: _Optional[int] = ...) -> None: ...
+    teacher: str
+    def __init__(self, prompts: _Optional[_Iterable[_Union[Prompt, _Mapping]]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., stop_ids: _Optional[_Iterable[int]] = ..., seed: _Optional[int] = ..., teacher: _Optional[str] = ...) -> None: ...
 
 class Generation(_message.Message):
     __slots__ = ("id", "token_ids", "logprobs", "finish_reason")
