@@ -29,7 +29,7 @@ class LlamaShape:
                 f"-kv{self.num_key_value_heads}-f{self.intermediate_size}-m{self.max_position_embeddings}")
 
 
-# The scoring bench model of issue 2: hidden 256, 4 layers, 32k vocabulary.
+# The scoring bench model (bench/scoring.py): hidden 256, 4 layers, 32k vocabulary.
 BENCH_MODEL = LlamaShape(32_000, 256, 4, 4, 4, 688, 4096)
 # Tiny models for tests.
 TINY = LlamaShape(128, 32, 2, 4, 2, 64, 256)

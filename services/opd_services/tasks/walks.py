@@ -12,7 +12,7 @@ completion is graded *valid* when all 64 steps are edges of the graph: one step 
 fails the walk, so per-step errors compound (0.99 per step is 53% per walk). The metric is
 sampled (temperature 1, the distribution the student is trained to match), not greedy.
 
-Why this task (issue 13): the student is far too small to store the graph's 244 edges (its
+Why this task: the student is far too small to store the graph's 244 edges (its
 logits come from a hidden size of 8, i.e. a rank-8 bigram table over 64 tokens), so it cannot
 match the teacher exactly. Forward KL (SFT on teacher samples) is mode-covering and must
 spread mass over all four successors of every node, leaking some onto non-edges; reverse KL

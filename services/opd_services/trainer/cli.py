@@ -11,8 +11,12 @@ import logging
 import os
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from opd_services.errors import ConfigError
+
+if TYPE_CHECKING:
+    from opd_services.config import Settings
 
 
 def add_parser(sub) -> None:
@@ -49,11 +53,17 @@ def add_parser(sub) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def config_from(args: argparse.Namespace):
-    from opd_services.config import Settings, check_tls
+def settings_from(args: argparse.Namespace) -> "Settings":
+    """OPD_* settings with this command's flags on top. Raises ConfigError on a bad value."""
+    from opd_services.config import Settings
+    return Settings.load(teacher_url=args.teacher_url, redis_url=args.redis_url, trainer_metrics_port=args.metrics_port)
+
+
+def config_from(args: argparse.Namespace, settings: "Settings | None" = None):
+    from opd_services.config import check_tls
     from opd_services.trainer.config import TrainConfig
-    settings = Settings.load(teacher_url=args.teacher_url, redis_url=args.redis_url,
-                             trainer_metrics_port=args.metrics_port)
+    if settings is None:
+        settings = settings_from(args)
     check_tls(settings)
     if not args.direct and args.mode == "opd" and not settings.redis_url:
         raise ConfigError("queue mode needs --redis-url / OPD_REDIS_URL (the Redis your `opd scorer` reads); "
@@ -67,7 +77,7 @@ def config_from(args: argparse.Namespace):
         student = task_student(settings.cache_dir, task=args.task)
     return TrainConfig(
         student=Path(student), out=Path(args.out), task=args.task, teacher_url=settings.teacher_url,
-        redis_url=settings.redis_url, teacher_tls=settings.client_tls(),
+        redis_url=settings.redis_url, queue_max_backlog=settings.queue_max_backlog, teacher_tls=settings.client_tls(),
         direct=args.direct, experiment=args.experiment, mode=args.mode, loss=args.loss, top_k=args.top_k,
         beta=args.beta, steps=args.steps, teacher_tokens=args.teacher_tokens, batch_size=args.batch_size,
         group_size=args.group_size, lr=args.lr, clip_eps=args.clip_eps, temperature=args.temperature,
@@ -77,15 +87,15 @@ def config_from(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    settings = settings_from(args)             # a bad OPD_* value fails before the heavy imports
     import torch
     from prometheus_client import start_http_server
 
     from opd_services.trainer.loop import Trainer
-    logging.basicConfig(level=os.environ.get("OPD_LOG_LEVEL", "info").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()          # weight loading / shard writing bars: noise here
-    cfg = config_from(args)
+    cfg = config_from(args, settings)
     torch.set_num_threads(max(1, args.threads))
     if cfg.metrics_port:
         start_http_server(cfg.metrics_port, addr="127.0.0.1")

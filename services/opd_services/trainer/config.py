@@ -24,6 +24,7 @@ class TrainConfig:
     teacher_url: str = "grpc://127.0.0.1:50051"
     teacher_tls: TLS | None = None     # CA bundle / client certificate for https:// and grpcs:// (OPD_TLS_CA, ...)
     redis_url: str | None = None       # queue mode; None with direct=False: start an embedded Valkey
+    queue_max_backlog: int | None = None  # queue mode: a push over this many rollouts waiting + being scored waits (OPD_QUEUE_MAX_BACKLOG)
     direct: bool = False               # call the teacher without the queue
     experiment: str = "demo"
     mode: str = "opd"                  # opd: student samples, teacher scores | sft: teacher samples
@@ -68,6 +69,7 @@ class TrainConfig:
             (self.max_staleness >= 0, "max_staleness", "must be >= 0"),
             (self.eval_every >= 1 and self.eval_size >= 1, "eval_every", "eval_every and eval_size must be >= 1"),
             ((Path(self.student) / "config.json").is_file(), "student", "no config.json there (an HF-format model dir)"),
+            (self.queue_max_backlog is None or self.queue_max_backlog >= 1, "queue_max_backlog", "must be >= 1 (unset = no limit)"),
             (0 <= self.metrics_port <= 65535, "metrics_port", "must be a port, or 0 for none"),
         ]
         for ok, name, reason in checks:

@@ -211,4 +211,5 @@ class Trainer:
             return TeacherSamples(cfg.teacher_url, cfg.teacher_tls)
         if cfg.direct:
             return DirectScores(cfg.teacher_url, tls=cfg.teacher_tls)
-        return QueueScores(cfg.redis_url, cfg.experiment, consumer=f"trainer-{cfg.experiment}")
+        return QueueScores(cfg.redis_url, cfg.experiment, consumer=f"trainer-{cfg.experiment}",
+                           max_backlog=cfg.queue_max_backlog)

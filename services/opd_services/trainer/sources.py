@@ -72,9 +72,10 @@ class DirectScores:
 class QueueScores:
     """Push rollouts to opd:{exp}:rollouts; read scored ones from opd:{exp}:scored, ack after use."""
 
-    def __init__(self, redis_url: str, experiment: str, consumer: str, *, timeout_s: float = 120.0):
+    def __init__(self, redis_url: str, experiment: str, consumer: str, *, timeout_s: float = 120.0,
+                 max_backlog: int | None = None):
         from opd_client.queue import RolloutProducer, ScoredConsumer
-        self.producer = RolloutProducer(redis_url, experiment)
+        self.producer = RolloutProducer(redis_url, experiment, max_backlog=max_backlog, block_timeout_s=timeout_s)
         self.consumer = ScoredConsumer(redis_url, experiment, consumer=consumer)
         self.timeout_s = timeout_s
 

@@ -8,6 +8,7 @@ import torch
 from prometheus_client import REGISTRY
 
 from opd_client.types import ScoredRollout
+from opd_services.errors import ConfigError
 from opd_services.tasks.addition import DEFAULT_TASK
 from opd_services.trainer.batch import scored_batch, student_logprobs
 from opd_services.trainer.config import TrainConfig
@@ -92,3 +93,37 @@ def test_group_size_repeats_prompts_and_the_teacher_counts_its_seconds(teacher, 
     with TeacherClient(teacher.grpc_url) as client:     # the session teacher's vocab is not the student's
         client.generate([[0, 5]] * 4, max_tokens=16, temperature=1.0, seed=1)
     assert secs("generate") > gen0
+
+
+def test_queue_max_backlog_reaches_the_trainers_producer(random_student, tmp_path, monkeypatch):
+    """OPD_QUEUE_MAX_BACKLOG bounds what `opd train` (queue mode) keeps waiting in its experiment's
+    stream: over it a push waits for the scorers, then fails with QueueFull (nothing is written)."""
+    import argparse
+    import time
+
+    from opd_client.errors import QueueFull
+    from opd_client.queue import Rollout
+    from opd_services.redis_embed import EmbeddedRedis
+    from opd_services.trainer import cli
+    from opd_services.trainer.sources import QueueScores
+
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers())
+    with EmbeddedRedis() as redis:
+        monkeypatch.setenv("OPD_QUEUE_MAX_BACKLOG", "3")
+        args = parser.parse_args(["train", "--redis-url", redis.url, "--out", str(tmp_path), "--student", str(random_student)])
+        cfg = cli.config_from(args)
+        assert cfg.queue_max_backlog == 3
+        rollouts = [Rollout(id=f"r{i}", token_ids=np.arange(1, 9), score_from=4, behaviour_logprobs=np.full(4, -1.0),
+                            policy_version=1, sampled_at=time.time()) for i in range(4)]
+        source = QueueScores(cfg.redis_url, "backlog", consumer="t", timeout_s=0.2, max_backlog=cfg.queue_max_backlog)
+        try:
+            source.submit(rollouts[:3])
+            with pytest.raises(QueueFull, match="max_backlog=3"):
+                source.submit(rollouts[3:])
+            assert source.producer.backlog() == 3
+        finally:
+            source.close()
+        monkeypatch.setenv("OPD_QUEUE_MAX_BACKLOG", "0")
+        with pytest.raises(ConfigError, match="OPD_QUEUE_MAX_BACKLOG='0'"):
+            cli.config_from(args)
