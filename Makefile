@@ -73,7 +73,7 @@ serve: $(TOK_STAMP)
 
 bench: $(TOK_STAMP)
 	$(BIN)/python bench/scoring.py
-	$(BIN)/python bench/queue.py
+	$(BIN)/python bench/queue_bench.py
 	$(BIN)/python bench/distill.py
 	$(BIN)/python bench/fairness.py
 
@@ -81,7 +81,7 @@ bench: $(TOK_STAMP)
 dashboard:
 	python3 monitoring/grafana/dashboard.py
 
-# vLLM serve vs our service (torch and vLLM engines) vs in-process engines: issues 5 and 8.
+# vLLM serve vs our service (torch and vLLM engines) vs in-process engines (bench/RESULTS.md, P).
 bench-peer: $(VLLM_STAMP)
 	$(BIN)/python bench/peer.py
 

@@ -22,24 +22,20 @@ and a json line.
 """
 from __future__ import annotations
 
+import argparse
+import asyncio
+import json
 import os
-import sys
+import time
+from pathlib import Path
 
-# bench/queue.py is named like the stdlib's `queue`: keep this folder off the import path
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+import httpx
+import numpy as np
+import orjson
 
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+from opd_services.modeling.checkpoints import BENCH_MODEL, cached_random_llama
+from opd_services.teacher.process import TeacherProcess
 
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
-import orjson  # noqa: E402
-
-from opd_services.modeling.checkpoints import BENCH_MODEL, cached_random_llama  # noqa: E402
-from opd_services.teacher.process import TeacherProcess  # noqa: E402
 
 CACHE = Path(os.environ.get("OPD_CACHE_DIR", Path.home() / ".cache/opd"))
 KS = (0, 5)

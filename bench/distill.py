@@ -25,9 +25,6 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-# bench/queue.py would shadow the stdlib `queue` (torch imports it): drop this script's folder
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 from opd_services.config import Settings
 from opd_services.demo import LABELS, DemoPlan, n_params, ratio_lines, run_method, summarise, teacher_metric
 from opd_services.stack import LocalStack, exit_on_sigterm

@@ -10,27 +10,21 @@ embedded Valkey; experiments are created through the registry, as an operator wo
 """
 from __future__ import annotations
 
-import os
-import sys
-
-# bench/queue.py is named like the stdlib's `queue`: keep this folder off the import path
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
-
 import argparse
 import asyncio
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 
+from opd_client import AsyncTeacherClient
+from opd_client.queue.connection import connect
+from opd_services.modeling.checkpoints import BENCH_MODEL, cached_random_llama
+from opd_services.redis_embed import EmbeddedRedis
+from opd_services.teacher.process import TeacherProcess
+from opd_services.tenancy.registry import Registry
 
-from opd_client import AsyncTeacherClient  # noqa: E402
-from opd_client.queue.connection import connect  # noqa: E402
-from opd_services.redis_embed import EmbeddedRedis  # noqa: E402
-from opd_services.teacher.process import TeacherProcess  # noqa: E402
-from opd_services.modeling.checkpoints import BENCH_MODEL, cached_random_llama  # noqa: E402
-from opd_services.tenancy.registry import Registry  # noqa: E402
 
 CACHE = Path(os.environ.get("OPD_CACHE_DIR", Path.home() / ".cache/opd"))
 HEAVY_REQ = [[7] * 256] * 4          # 4 x 256 tokens per heavy request

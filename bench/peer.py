@@ -31,28 +31,21 @@ import httpx
 import numpy as np
 import orjson
 
-# bench/queue.py is named like the stdlib's `queue`: keep this folder off the import path
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+from opd_client import AsyncTeacherClient, Sequence
+from opd_services.modeling.checkpoints import BENCH_MODEL, cached_random_llama
+from opd_services.teacher.engines.base import ScoreItem
+from opd_services.teacher.engines.vllm_engine import CPU_ENV_DEFAULTS
 
-from opd_client import AsyncTeacherClient, Sequence  # noqa: E402
-from opd_services.modeling.checkpoints import BENCH_MODEL, cached_random_llama  # noqa: E402
-from opd_services.teacher.engines.base import ScoreItem  # noqa: E402
-from opd_services.teacher.engines.vllm_engine import CPU_ENV_DEFAULTS  # noqa: E402
+# siblings in bench/ (a script's own folder is first on sys.path)
+import peer_p4
+from vllm_peer import VllmServe
+
 
 CACHE = Path(os.environ.get("OPD_CACHE_DIR", Path.home() / ".cache/opd"))
 LOGS = Path(os.environ.get("PEER_LOGS", "/tmp/opd-peer-bench"))
 STREAMS, PER_REQ, LENGTH = 16, 8, 256
 KS = (0, 5)
 
-
-
-def load_vllm_peer(file: str = "vllm_peer.py"):
-    """A bench/ module by path (bench/ is kept off sys.path: bench/queue.py shadows the stdlib)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(f"bench_{file[:-3]}", Path(__file__).with_name(file))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -252,8 +245,7 @@ def main() -> None:
     args = ap.parse_args()
     LOGS.mkdir(parents=True, exist_ok=True)
     if args.p4:
-        p4 = load_vllm_peer("peer_p4.py")
-        fig = p4.main(sys.modules[__name__], args.models.split(","), args.groups, CACHE)
+        fig = peer_p4.main(sys.modules[__name__], args.models.split(","), args.groups, CACHE)
         print("json:", json.dumps(fig))
         return
     model = str(cached_random_llama(CACHE, BENCH_MODEL, prefix="bench"))
@@ -262,7 +254,6 @@ def main() -> None:
     print(f"bench model: {model}\nwork: {STREAMS} streams x {PER_REQ} x {LENGTH} tokens, rounds {args.rounds}",
           flush=True)
     fig: dict = {}
-    VllmServe = load_vllm_peer().VllmServe
     if not args.skip_peer:
         with VllmServe(model, free_port(), served_name=name, log_path=LOGS / "vllm-serve.log") as srv:
             run_served(srv.url, None, name, reqs, args.rounds, "vllm-serve", fig)

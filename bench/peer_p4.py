@@ -29,6 +29,8 @@ import orjson
 from opd_client import AsyncTeacherClient, Sequence
 from opd_services.modeling.checkpoints import BENCH_MODEL, LlamaShape, cached_random_llama
 
+from vllm_peer import VllmServe   # bench/vllm_peer.py (this folder is first on sys.path)
+
 BODY_HEAVY = LlamaShape(8192, 512, 8, 8, 8, 1376, 4096)
 CLIENTS = 16
 KS = (0, 5)
@@ -132,8 +134,8 @@ def run_model(shape: LlamaShape, tag: str, cache, scale: float, fig: dict, peer,
     name = Path(model).name
     print(f"{tag}: {model} (LM head {head_share(shape):.0%} of FLOPs)", flush=True)
     for system, extra in (("vllm-serve", []), ("vllm-serve-pc", ["--enable-prefix-caching"])):
-        with peer.load_vllm_peer().VllmServe(model, peer.free_port(), served_name=name, extra=extra,
-                            log_path=peer.LOGS / f"p4-{system}.log") as srv:
+        with VllmServe(model, peer.free_port(), served_name=name, extra=extra,
+                       log_path=peer.LOGS / f"p4-{system}.log") as srv:
             measure({system: lambda p, k: peer_call(srv.url, name, k)}, shape.vocab_size, scale, fig, tag)
     # ours with and without sharing, both up, measured in turn, so that their ratio is like for like
     shared, unshared = peer.OpdServe(model, "torch", "shared"), peer.OpdServe(model, "torch", "unshared")

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 import numpy as np
 
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+from opd_services.modeling.checkpoints import BENCH_MODEL, LlamaShape, cached_random_llama
+from opd_services.teacher.engines.base import ScoreItem
 
-from opd_services.modeling.checkpoints import BENCH_MODEL, LlamaShape, cached_random_llama  # noqa: E402
-from opd_services.teacher.engines.base import ScoreItem  # noqa: E402
 
 BODY_HEAVY = LlamaShape(8192, 512, 8, 8, 8, 1376, 4096)
 # name: (prompt, completion, G, groups in one batch)

