@@ -69,6 +69,7 @@ class GenerateRequest:
     temperature: float = 1.0        # 0 = greedy
     stop_ids: Any = ()
     seed: int | None = None
+    teacher: str = ""               # the teacher meant; "" = this one, another name -> NotFound
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,12 +196,16 @@ class ScoringService:
             if self._inflight == 0:
                 self._idle.set()
 
+    def _check_teacher(self, teacher: str) -> None:
+        """A request naming another teacher (score or generate) is NotFound; "" means any."""
+        if teacher and teacher != self.settings.teacher_name:
+            raise NotFound(f"teacher {teacher!r} is not served here: this is teacher "
+                           f"{self.settings.teacher_name!r}; point the client at {teacher!r}'s replicas "
+                           "(OPD_TEACHERS on a scorer)")
+
     async def score(self, req: ScoreRequest, tenant: Tenant = DEFAULT) -> ScoreResult:
         self._check_ready()
-        if req.teacher and req.teacher != self.settings.teacher_name:
-            raise NotFound(f"teacher {req.teacher!r} is not served here: this is teacher "
-                           f"{self.settings.teacher_name!r}; point the client at {req.teacher!r}'s replicas "
-                           "(OPD_TEACHERS on a scorer)")
+        self._check_teacher(req.teacher)
         req, views = await self._as_ids(req, tenant)
         items = self._validated(self.validate, req, tenant)
         tokens = sum(it.n_tokens for it in items)
@@ -277,6 +282,7 @@ class ScoringService:
     async def generate(self, req: GenerateRequest, tenant: Tenant = DEFAULT) -> GenerateResult:
         """Sample completions from the teacher (for SFT baselines and mixed on/off-policy data)."""
         self._check_ready()
+        self._check_teacher(req.teacher)
         item = self._validated(self.validate_generate, req, tenant)
         if not hasattr(self.engine, "generate"):
             raise InvalidRequest("prompts", f"the {self.engine.info.engine} engine cannot generate; use the torch engine")
@@ -293,14 +299,14 @@ class ScoringService:
         """The same checks as scoring, for prompts and sampling parameters."""
         info, s = self.model_info(), self.settings
         mt = req.max_tokens
-        if not isinstance(mt, (int, np.integer)) or isinstance(mt, bool) or not 1 <= mt <= s.max_generate_tokens:
+        if not _is_int(mt) or not 1 <= mt <= s.max_generate_tokens:
             raise InvalidRequest("max_tokens", f"must be an integer in [1, {s.max_generate_tokens}], got {mt!r}")
         t = req.temperature
-        if not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+        if not _is_number(t) or not math.isfinite(t) or t < 0:
             raise InvalidRequest("temperature", f"must be a finite number >= 0 (0 = greedy), got {t!r}")
         stops = _int_array("stop_ids", list(req.stop_ids) if req.stop_ids is not None else [], 1)
-        _check_vocab("stop_ids", stops, info.vocab_size)
-        if req.seed is not None and (not isinstance(req.seed, (int, np.integer)) or not 0 <= req.seed < 2**63):
+        check_vocab("stop_ids", stops, info.vocab_size)
+        if req.seed is not None and (not _is_int(req.seed) or not 0 <= req.seed < 2**63):
             raise InvalidRequest("seed", f"must be an integer in [0, 2^63), got {req.seed!r}")
         _check_count("prompts", req.prompts, s.max_request_sequences, "prompt")
         prompts, total = [], 0
@@ -312,7 +318,7 @@ class ScoringService:
             if ids.shape[0] + mt > info.max_model_len:
                 raise InvalidRequest(field, f"{ids.shape[0]} tokens + max_tokens {mt} exceeds the model's max length "
                                             f"{info.max_model_len}")
-            _check_vocab(field, ids, info.vocab_size)
+            check_vocab(field, ids, info.vocab_size)
             total += ids.shape[0] + mt
             if total > s.max_request_tokens:
                 raise InvalidRequest("prompts", f"more than {s.max_request_tokens} tokens (prompts + max_tokens) in one "
@@ -325,10 +331,10 @@ class ScoringService:
     def validate(self, req: ScoreRequest) -> list[ScoreItem]:
         """Check every field against the contract; raise InvalidRequest naming the first bad one."""
         info, s = self.model_info(), self.settings
-        if not isinstance(req.top_k, int) or not 0 <= req.top_k <= s.max_top_k:
+        if not _is_int(req.top_k) or not 0 <= req.top_k <= s.max_top_k:
             raise InvalidRequest("top_k", f"must be an integer in [0, {s.max_top_k}] (the server's max), got {req.top_k!r}")
         t = req.temperature
-        if not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+        if not _is_number(t) or not math.isfinite(t) or t <= 0:
             raise InvalidRequest("temperature", f"must be a finite number > 0, got {t!r}")
         _check_count("sequences", req.sequences, s.max_request_sequences, "sequence")
         items, total = [], 0
@@ -363,8 +369,25 @@ def _int_array(field: str, value: Any, ndim: int) -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
-def _check_vocab(field: str, arr: np.ndarray, vocab: int) -> None:
-    bad = np.flatnonzero((arr.reshape(-1) < 0) | (arr.reshape(-1) >= vocab))
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)     # True is an int to Python
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+def check_vocab(field: str, ids: Any, vocab: int) -> None:
+    """The one vocabulary check, of every surface: InvalidRequest naming the first id outside [0, vocab)
+    as `field[i]` (`field[i][j]` for rows). `ids` is an int array or a (rectangular) list of ints."""
+    if isinstance(ids, np.ndarray):
+        arr = ids
+    else:
+        try:
+            arr = np.asarray(ids, dtype=np.int64)
+        except OverflowError:    # an id past int64 (JSON allows it): compare as Python ints
+            arr = np.asarray(ids, dtype=object)
+    bad = np.flatnonzero((arr < 0) | (arr >= vocab))
     if bad.size:
         idx = np.unravel_index(bad[0], arr.shape)
         where = "".join(f"[{int(j)}]" for j in idx)
@@ -382,9 +405,9 @@ def _validate_sequence(field: str, seq: SequenceIn, info: ModelInfo, max_cands: 
         raise InvalidRequest(f"{field}.token_ids", f"needs at least 2 tokens, got {n}")
     if n > info.max_model_len:
         raise InvalidRequest(f"{field}.token_ids", f"{n} tokens exceeds the model's max length {info.max_model_len}")
-    _check_vocab(f"{field}.token_ids", ids, info.vocab_size)
+    check_vocab(f"{field}.token_ids", ids, info.vocab_size)
     s = 1 if seq.score_from is None else seq.score_from
-    if not isinstance(s, (int, np.integer)) or isinstance(s, bool) or not 1 <= s < n:
+    if not _is_int(s) or not 1 <= s < n:
         raise InvalidRequest(f"{field}.score_from", f"must be an integer in [1, {n - 1}] for {n} tokens, got {s!r}")
     cands = None
     if seq.candidate_ids is not None:
@@ -394,6 +417,6 @@ def _validate_sequence(field: str, seq: SequenceIn, info: ModelInfo, max_cands: 
             raise InvalidRequest(f"{field}.candidate_ids", f"needs one row per scored position ({n - s}), got {rows}")
         if not 1 <= width <= max_cands:
             raise InvalidRequest(f"{field}.candidate_ids", f"each row needs 1..{max_cands} ids, got {width}")
-        _check_vocab(f"{field}.candidate_ids", cands, info.vocab_size)
+        check_vocab(f"{field}.candidate_ids", cands, info.vocab_size)
     return ScoreItem(token_ids=ids, score_from=int(s), top_k=req.top_k, temperature=float(req.temperature),
                      entropy=bool(req.entropy), candidate_ids_T_C=cands, rank=bool(req.rank))

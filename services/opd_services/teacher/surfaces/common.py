@@ -1,5 +1,6 @@
 """What every HTTP surface shares: the one mapping of errors to status codes, JSON responses,
-the tenant dependency, and the ASGI middleware (body limit, request metrics).
+the wire's number types (`Int`, `Number`), the tenant dependency, and the ASGI middleware (body
+limit, request metrics).
 
 Errors are mapped to HTTP status codes here and only here (`error_status`); a dialect renders
 the same status in its own protocol's body shape. This module knows no routes of its own.
@@ -11,11 +12,13 @@ import json
 import logging
 import time
 import uuid
+from typing import Annotated
 
 import orjson
 from fastapi import Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, BeforeValidator, Strict, ValidationError
+from pydantic_core import PydanticCustomError
 
 from opd_services import metrics
 from opd_services.errors import (InvalidRequest, NotFound, OPDError, PayloadTooLarge, PermissionDenied,
@@ -23,6 +26,26 @@ from opd_services.errors import (InvalidRequest, NotFound, OPDError, PayloadTooL
 from opd_services.tenancy.auth import Tenant
 
 log = logging.getLogger(__name__)
+
+
+# ---- the wire's numbers: every pydantic model of every HTTP surface uses these -----------------
+# JSON true / false is a Python int, so pydantic would take it as 1 / 0 (and a lax float also takes
+# "0.5"): a boolean or a string where a number is meant is refused, naming the field.
+
+_NOT_BOOL = "number_not_bool"
+
+
+def _refuse_bool(what: str) -> BeforeValidator:
+    def check(value):
+        if isinstance(value, bool):
+            raise PydanticCustomError(_NOT_BOOL, "must be {what}, got the boolean {value}",
+                                      {"what": what, "value": "true" if value else "false"})
+        return value
+    return BeforeValidator(check)
+
+
+Int = Annotated[int, Strict(), _refuse_bool("an integer")]        # not a boolean, a float (1.0) or a string
+Number = Annotated[float, Strict(), _refuse_bool("a number")]     # an integer or a float; not a boolean or a string
 
 
 def json_response(body, status: int = 200, headers: dict | None = None) -> Response:
@@ -92,7 +115,9 @@ def parse_body(raw: bytes, model: type[BaseModel]) -> BaseModel:
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        first = e.errors()[0]
+        errors = e.errors()
+        # within a union (ids: a list or a list of lists) the boolean is the error to name, not the other member's
+        first = next((x for x in errors if x["type"] == _NOT_BOOL), errors[0])
         raise InvalidRequest(loc_field(_wire_loc(tuple(first["loc"]))), first["msg"]) from None
 
 

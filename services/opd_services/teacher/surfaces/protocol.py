@@ -10,13 +10,14 @@ from typing import Any
 
 import numpy as np
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from opd_client._proto.opd.teacher.v1 import teacher_pb2 as pb
 from opd_client.types import ModelInfo
 from opd_services.errors import InvalidRequest
 from opd_services.teacher.service import (GenerateRequest, GenerateResult, PromptIn, ScoreRequest, ScoreResult,
                                           SequenceIn)
+from opd_services.teacher.surfaces.common import Int, Number
 
 # ---- HTTP JSON ---------------------------------------------------------------------------
 
@@ -25,25 +26,25 @@ class SequenceJSON(BaseModel):
     """One of token_ids, text or messages."""
     model_config = ConfigDict(extra="forbid")
     id: str = Field("", description="Echoed in the result.")
-    token_ids: list[StrictInt] | None = Field(None, description="Token ids, length L >= 2.")
-    score_from: StrictInt | None = Field(None, description="With token_ids: first scored position s, 1 <= s < L "
+    token_ids: list[Int] | None = Field(None, description="Token ids, length L >= 2.")
+    score_from: Int | None = Field(None, description="With token_ids: first scored position s, 1 <= s < L "
                                                            "(default 1).")
     text: str | None = Field(None, description="Text, tokenized by the teacher's tokenizer (special tokens added "
                                                "unless add_special_tokens is false).")
-    score_from_char: StrictInt | None = Field(None, description="With text: the character where scoring starts (a "
+    score_from_char: Int | None = Field(None, description="With text: the character where scoring starts (a "
                                                                 "token boundary); default: after the first token.")
     messages: list[dict[str, Any]] | None = Field(
         None, description="Chat messages ({role, content, [score]}), rendered with the model's chat template; "
                           "scoring runs from the first scored message (assistant ones, or score: true) to the end.")
-    candidate_ids: list[list[StrictInt]] | None = Field(
+    candidate_ids: list[list[Int]] | None = Field(
         None, description="Per scored position (L - s rows), the token ids whose logprobs you want.")
 
 
 class ScoreRequestJSON(BaseModel):
     model_config = ConfigDict(extra="forbid")
     sequences: list[SequenceJSON]
-    top_k: StrictInt = Field(0, description="Teacher top-k per position, 0 .. server max.")
-    temperature: float = Field(1.0, description="Logits are divided by it before log-softmax; > 0.")
+    top_k: Int = Field(0, description="Teacher top-k per position, 0 .. server max.")
+    temperature: Number = Field(1.0, description="Logits are divided by it before log-softmax; > 0.")
     entropy: StrictBool = Field(False, description="Also return the teacher's entropy per position.")
     teacher: str = Field("", description="The teacher meant (its OPD_TEACHER_NAME); another name -> 404. Empty = any.")
     chat_template_kwargs: dict[str, Any] | None = Field(None, description="messages: extra chat template variables, "
@@ -135,21 +136,22 @@ def result_json(res: ScoreResult) -> dict:
 class PromptJSON(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: str = Field("", description="Echoed in the result.")
-    token_ids: list[StrictInt] = Field(..., description="Prompt token ids, length >= 1.")
+    token_ids: list[Int] = Field(..., description="Prompt token ids, length >= 1.")
 
 
 class GenerateRequestJSON(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompts: list[PromptJSON]
-    max_tokens: StrictInt = Field(16, description="Most tokens sampled per prompt, 1 .. server max.")
-    temperature: float = Field(1.0, description="Sampling temperature >= 0; 0 = greedy.")
-    stop_ids: list[StrictInt] = Field([], description="A sampled stop id ends its sequence (and is returned).")
-    seed: StrictInt | None = Field(None, description="Same seed and request -> same samples.")
+    max_tokens: Int = Field(16, description="Most tokens sampled per prompt, 1 .. server max.")
+    temperature: Number = Field(1.0, description="Sampling temperature >= 0; 0 = greedy.")
+    stop_ids: list[Int] = Field([], description="A sampled stop id ends its sequence (and is returned).")
+    seed: Int | None = Field(None, description="Same seed and request -> same samples.")
+    teacher: str = Field("", description="The teacher meant (its OPD_TEACHER_NAME); another name -> 404. Empty = any.")
 
     def to_request(self) -> GenerateRequest:
         return GenerateRequest(prompts=[PromptIn(token_ids=p.token_ids, id=p.id) for p in self.prompts],
                                max_tokens=self.max_tokens, temperature=self.temperature,
-                               stop_ids=self.stop_ids, seed=self.seed)
+                               stop_ids=self.stop_ids, seed=self.seed, teacher=self.teacher)
 
 
 class GenerationJSON(BaseModel):
@@ -273,7 +275,7 @@ def generate_from_proto(msg: pb.GenerateRequest) -> GenerateRequest:
         prompts=[PromptIn(token_ids=np.array(p.token_ids, dtype=np.int64), id=p.id) for p in msg.prompts],
         max_tokens=msg.max_tokens or 16,
         temperature=msg.temperature if msg.HasField("temperature") else 1.0,
-        stop_ids=list(msg.stop_ids), seed=msg.seed if msg.HasField("seed") else None)
+        stop_ids=list(msg.stop_ids), seed=msg.seed if msg.HasField("seed") else None, teacher=msg.teacher)
 
 
 def generate_proto(res: GenerateResult) -> pb.GenerateResponse:

@@ -36,11 +36,12 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt
+from pydantic import BaseModel, ConfigDict, StrictBool
 
 from opd_services.errors import InvalidRequest, OPDError
-from opd_services.teacher.service import GenerateRequest, PromptIn, ScoreRequest, ScoringService, SequenceIn
-from opd_services.teacher.surfaces.common import (error_response, error_status, json_response, parse_body,
+from opd_services.teacher.service import (GenerateRequest, PromptIn, ScoreRequest, ScoringService, SequenceIn,
+                                          check_vocab)
+from opd_services.teacher.surfaces.common import (Int, Number, error_response, error_status, json_response, parse_body,
                                                   tenant_dependency)
 from opd_services.teacher.text.sequences import encode_prompts
 from opd_services.teacher.text.tokenizer import Tokenizer, require, run
@@ -53,14 +54,14 @@ _REFUSED = {"input_embeds": "input embeddings", "image_data": "images", "video_d
 class SamplingParams(BaseModel):
     """The fields of SGLang's sampling_params this surface acts on (SGLang's defaults); others are ignored."""
     model_config = ConfigDict(extra="allow")
-    max_new_tokens: StrictInt = 128
-    temperature: StrictFloat | StrictInt = 1.0
-    top_p: StrictFloat | StrictInt = 1.0
-    top_k: StrictInt = -1
-    min_p: StrictFloat | StrictInt = 0.0
-    n: StrictInt = 1
-    stop_token_ids: list[StrictInt] | None = None
-    sampling_seed: StrictInt | None = None
+    max_new_tokens: Int = 128
+    temperature: Number = 1.0
+    top_p: Number = 1.0
+    top_k: Int = -1
+    min_p: Number = 0.0
+    n: Int = 1
+    stop_token_ids: list[Int] | None = None
+    sampling_seed: Int | None = None
     skip_special_tokens: StrictBool = True
     ignore_eos: StrictBool = False
 
@@ -69,13 +70,13 @@ class GenerateReqInput(BaseModel):
     """The fields of SGLang's GenerateReqInput this surface acts on; others are accepted and ignored."""
     model_config = ConfigDict(extra="allow")
     text: Any = None                 # a string or a list of strings (checked below)
-    input_ids: list[StrictInt] | list[list[StrictInt]] | None = None
+    input_ids: list[Int] | list[list[Int]] | None = None
     sampling_params: SamplingParams | list[SamplingParams] | None = None
     rid: str | list[str] | None = None
     return_logprob: StrictBool | list[StrictBool] | None = None
-    logprob_start_len: StrictInt | list[StrictInt] | None = None
-    top_logprobs_num: StrictInt | list[StrictInt] | None = None
-    token_ids_logprob: list[StrictInt] | list[list[StrictInt]] | None = None
+    logprob_start_len: Int | list[Int] | None = None
+    top_logprobs_num: Int | list[Int] | None = None
+    token_ids_logprob: list[Int] | list[list[Int]] | None = None
     return_text_in_logprobs: StrictBool = False
     stream: StrictBool = False
 
@@ -168,12 +169,13 @@ async def _items(req: GenerateReqInput, service: ScoringService) -> tuple[list[_
     ks = _each(req.top_logprobs_num, n, batched, "top_logprobs_num", 0, isinstance(req.top_logprobs_num, list))
     ti = req.token_ids_logprob
     cands = _each(ti, n, batched, "token_ids_logprob", None, bool(ti) and isinstance(ti[0], list))
-    return [_item(i, ids, rids[i], sps[i], lps[i], starts[i], ks[i], cands[i], batched, source)
+    vocab = service.model_info().vocab_size
+    return [_item(i, ids, rids[i], sps[i], lps[i], starts[i], ks[i], cands[i], batched, source, vocab)
             for i, ids in enumerate(inputs)], batched
 
 
 def _item(i: int, ids: list[int], rid, sp: SamplingParams, logprob: bool, start: int, k: int, cands, batched,
-          source: str = "input_ids") -> _Item:
+          source: str, vocab: int) -> _Item:
     at = f"[{i}]" if batched else ""
     if not ids:
         raise InvalidRequest(f"input_ids{at}", "needs at least one token id")
@@ -194,6 +196,11 @@ def _item(i: int, ids: list[int], rid, sp: SamplingParams, logprob: bool, start:
                                                        f"tokens, got {start}")
     if k < 0:
         raise InvalidRequest(f"top_logprobs_num{at}", f"must be an integer >= 0, got {k}")
+    # every id inside the vocabulary, scored or not (max_new_tokens 0 may score none and stop nowhere)
+    if source == "input_ids":             # text: the tokenizer's ids are the model's
+        check_vocab(f"input_ids{at}", ids, vocab)
+    check_vocab(f"token_ids_logprob{at}", cands or [], vocab)
+    check_vocab(spf + "stop_token_ids", sp.stop_token_ids or [], vocab)
     return _Item(i, list(ids), rid or uuid.uuid4().hex, sp, bool(logprob), start, k, cands, source)
 
 

@@ -34,11 +34,11 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from opd_services.errors import InvalidRequest, OPDError
 from opd_services.teacher.service import ScoringService
-from opd_services.teacher.surfaces.common import json_response, parse_body, tenant_dependency
+from opd_services.teacher.surfaces.common import Int, Number, json_response, parse_body, tenant_dependency
 from opd_services.teacher.surfaces.dialects import vllm_chat, vllm_tokenize
 from opd_services.teacher.surfaces.dialects.vllm_core import (Answer, Ask, answer, check_model, check_sampling,
                                                               stop_reason, usage, vllm_error)
@@ -57,17 +57,17 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str | None = None
     prompt: Any                    # a text, a list of texts, token ids, a list of id lists (checked below)
-    max_tokens: StrictInt | None = 16
-    prompt_logprobs: StrictInt | None = None
-    temperature: float | None = None
+    max_tokens: Int | None = 16
+    prompt_logprobs: Int | None = None
+    temperature: Number | None = None
     echo: StrictBool | None = False
-    logprobs: StrictInt | None = None
-    n: StrictInt = 1
+    logprobs: Int | None = None
+    n: Int = 1
     stream: StrictBool | None = False
     return_token_ids: StrictBool | None = None
     return_tokens_as_token_ids: StrictBool | None = None
-    stop_token_ids: list[StrictInt] | None = None
-    seed: StrictInt | None = None
+    stop_token_ids: list[Int] | None = None
+    seed: Int | None = None
     add_special_tokens: StrictBool = True
     skip_special_tokens: StrictBool = True
     ignore_eos: StrictBool = False
@@ -76,23 +76,23 @@ class CompletionRequest(BaseModel):
 class TokensSamplingParams(BaseModel):
     """The fields of vLLM's SamplingParams that /inference/v1/generate acts on (vLLM's defaults)."""
     model_config = ConfigDict(extra="allow")
-    n: StrictInt = 1
-    temperature: float | None = 1.0
-    top_p: float | None = 1.0
-    top_k: StrictInt | None = 0
-    min_p: float | None = 0.0
-    max_tokens: StrictInt | None = 16
-    logprobs: StrictInt | None = None
-    prompt_logprobs: StrictInt | None = None
-    stop_token_ids: list[StrictInt] | None = None
-    seed: StrictInt | None = None
+    n: Int = 1
+    temperature: Number | None = 1.0
+    top_p: Number | None = 1.0
+    top_k: Int | None = 0
+    min_p: Number | None = 0.0
+    max_tokens: Int | None = 16
+    logprobs: Int | None = None
+    prompt_logprobs: Int | None = None
+    stop_token_ids: list[Int] | None = None
+    seed: Int | None = None
 
 
 class TokensGenerateRequest(BaseModel):
     """vLLM 0.32's GenerateRequest (token-in/token-out), the fields this surface acts on."""
     model_config = ConfigDict(extra="allow")
     request_id: str | None = None
-    token_ids: list[StrictInt] = Field(min_length=1)
+    token_ids: list[Int] = Field(min_length=1)
     sampling_params: TokensSamplingParams
     model: str | None = None
     return_token_ids: StrictBool | None = None
@@ -111,6 +111,10 @@ def _is_id(x) -> bool:
 _KINDS = {str: "a text", list: "a list of token ids", int: "a token id"}
 
 
+def _got(x) -> str:
+    return f"the boolean {str(x).lower()}" if isinstance(x, bool) else type(x).__name__
+
+
 def _prompt_kind(prompt: Any) -> tuple[str, list]:
     """vLLM's four prompt forms as ("text", [texts]) or ("ids", [id lists]); a 422 naming the bad entry."""
     if isinstance(prompt, str):
@@ -122,7 +126,7 @@ def _prompt_kind(prompt: Any) -> tuple[str, list]:
     if None in kinds:
         i = kinds.index(None)
         raise InvalidRequest(f"prompt[{i}]", f"must be a text, a token id or a list of token ids, got "
-                                             f"{type(prompt[i]).__name__}")
+                                             f"{_got(prompt[i])}")
     if len(set(kinds)) > 1:
         i, j = 0, next(j for j, k in enumerate(kinds) if k != kinds[0])
         raise InvalidRequest("prompt", f"mixes kinds of prompt (prompt[{i}] is {kinds[i]}, prompt[{j}] is "
@@ -136,7 +140,7 @@ def _prompt_kind(prompt: Any) -> tuple[str, list]:
         bad = next((j for j, x in enumerate(ids) if not _is_id(x)), None)
         if bad is not None:
             raise InvalidRequest(f"prompt[{i}][{bad}]",
-                                 f"must be a token id (an integer), got {type(ids[bad]).__name__}")
+                                 f"must be a token id (an integer), got {_got(ids[bad])}")
     return "ids", list(prompt)
 
 

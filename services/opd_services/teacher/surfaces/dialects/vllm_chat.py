@@ -22,11 +22,11 @@ import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, StrictBool
 
 from opd_services.errors import InvalidRequest
 from opd_services.teacher.service import ScoringService
-from opd_services.teacher.surfaces.common import json_response, parse_body, tenant_dependency
+from opd_services.teacher.surfaces.common import Int, Number, json_response, parse_body, tenant_dependency
 from opd_services.teacher.surfaces.dialects.vllm_core import (Answer, Ask, answer, check_model, check_sampling,
                                                               stop_reason, usage, vllm_error)
 from opd_services.teacher.surfaces.dialects.vllm_logprobs import chat_logprobs, prompt_logprobs
@@ -44,14 +44,14 @@ class ChatRequest(BaseModel):
     messages: Any
     model: str | None = None
     logprobs: StrictBool | None = False
-    top_logprobs: StrictInt | None = 0
-    max_tokens: StrictInt | None = None
-    max_completion_tokens: StrictInt | None = None
-    n: StrictInt | None = 1
-    prompt_logprobs: StrictInt | None = None
-    temperature: float | None = None
-    seed: StrictInt | None = None
-    stop_token_ids: list[StrictInt] | None = None
+    top_logprobs: Int | None = 0
+    max_tokens: Int | None = None
+    max_completion_tokens: Int | None = None
+    n: Int | None = 1
+    prompt_logprobs: Int | None = None
+    temperature: Number | None = None
+    seed: Int | None = None
+    stop_token_ids: list[Int] | None = None
     stream: StrictBool | None = False
     echo: StrictBool = False
     add_generation_prompt: StrictBool = True

@@ -20,7 +20,8 @@ import orjson
 from fastapi.responses import Response
 
 from opd_services.errors import InvalidRequest, OPDError
-from opd_services.teacher.service import GenerateRequest, PromptIn, ScoreRequest, ScoringService, SequenceIn
+from opd_services.teacher.service import (GenerateRequest, PromptIn, ScoreRequest, ScoringService, SequenceIn,
+                                          check_vocab)
 from opd_services.teacher.surfaces.common import error_response, error_status, json_response
 
 _TYPES = {401: "AuthenticationError", 403: "PermissionDeniedError", 404: "NotFoundError",
@@ -146,9 +147,22 @@ async def _sample(service: ScoringService, ask: Ask, tenant, rank: bool, logprob
     return list(zip(samples, scores))
 
 
+def _check_ids(service: ScoringService, ask: Ask) -> None:
+    """Every id of the ask inside the vocabulary, scored or not: a score-only ask uses no stop id and
+    scores no one-token prompt, so the service alone would not see them."""
+    vocab = service.model_info().vocab_size
+    try:
+        for i, p in enumerate(ask.prompts):
+            check_vocab(f"prompts[{i}].token_ids", p, vocab)
+        check_vocab("stop_ids", ask.stop_token_ids or [], vocab)
+    except InvalidRequest as e:
+        raise renamer(ask, list(range(len(ask.prompts))))(e, "logprobs") from None
+
+
 async def answer(service: ScoringService, ask: Ask, tenant, rank: bool = False,
                  logprobs_field: str = "logprobs") -> list[Answer]:
     """Prompt scores, then (unless the ask only scores) samples and their scores, per prompt."""
+    _check_ids(service, ask)
     results = await _score_prompts(service, ask, tenant)
     sampled = (await _sample(service, ask, tenant, rank, logprobs_field) if ask.samples
                else [(None, None)] * len(ask.prompts))

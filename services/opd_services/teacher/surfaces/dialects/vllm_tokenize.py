@@ -14,11 +14,11 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI, Request
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, StrictBool
 
 from opd_services.errors import InvalidRequest
-from opd_services.teacher.service import ScoringService
-from opd_services.teacher.surfaces.common import json_response, parse_body, tenant_dependency
+from opd_services.teacher.service import ScoringService, check_vocab
+from opd_services.teacher.surfaces.common import Int, json_response, parse_body, tenant_dependency
 from opd_services.teacher.surfaces.dialects.vllm_chat import check_tool_choice, render_ids
 from opd_services.teacher.surfaces.dialects.vllm_core import check_model, vllm_error
 from opd_services.teacher.text.tokenizer import Tokenizer, require, run
@@ -44,7 +44,7 @@ class TokenizeRequest(BaseModel):
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str | None = None
-    tokens: list[StrictInt]
+    tokens: list[Int]
 
 
 def _ids(tok: Tokenizer, req: TokenizeRequest) -> list[int]:
@@ -80,12 +80,6 @@ def _tokenized(tok: Tokenizer, req: TokenizeRequest, max_len: int) -> dict:
             "token_strs": tok.token_strs(ids) if req.return_token_strs else None}
 
 
-def _check_ids(tokens: list[int], vocab: int) -> None:
-    bad = next((j for j, t in enumerate(tokens) if not 0 <= t < vocab), None)
-    if bad is not None:
-        raise InvalidRequest(f"tokens[{bad}]", f"token id {tokens[bad]} is outside the vocabulary [0, {vocab})")
-
-
 def mount(app: FastAPI, service: ScoringService) -> None:
     """Add vLLM's /tokenize and /detokenize to the native app (same port)."""
     tenant = tenant_dependency(service)
@@ -111,7 +105,7 @@ def mount(app: FastAPI, service: ScoringService) -> None:
             info = service.model_info()
             check_model(req.model, info.name)
             tok = require(service.tokenizer, "tokens")
-            _check_ids(req.tokens, info.vocab_size)
+            check_vocab("tokens", req.tokens, info.vocab_size)
             return json_response({"prompt": await run(tok.decode, req.tokens)})
         except Exception as e:  # this surface's one mapping, in vLLM's error shape
             return vllm_error(e)
