@@ -11,8 +11,11 @@ The client's timeout is also each gRPC call's deadline: a call that gives up is 
 teacher too (its not-yet-scored sequences leave the batcher).
 A URL may name several replicas of one teacher (`grpc://h1:50051,h2:50051`) or a DNS name
 that stands for them (`grpc+dns://`, `http+dns://`; see targets.py): requests are spread
-over them and fail over between them (the policy block below, balance.py).
-This module does no scoring and no validation beyond shapes: the server validates.
+over them and fail over between them (the policy block below, balance.py). Wire failures
+become OPDErrors in wire_errors.py.
+TeacherClient and AsyncTeacherClient share everything but the I/O: each call is built once
+(`_Op`) and driven through one retry state machine (`_Attempts`); the two classes only send
+and sleep. This module does no scoring and no validation beyond shapes: the server validates.
 """
 from __future__ import annotations
 
@@ -20,18 +23,17 @@ import asyncio
 import random
 import time
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import grpc
 import httpx
 import orjson
 
-from opd_client import wire
-from opd_client.balance import Pool
+from opd_client import wire, wire_errors
+from opd_client.balance import Pool, Replica
 from opd_client._proto.opd.teacher.v1 import teacher_pb2 as pb
 from opd_client._proto.opd.teacher.v1 import teacher_pb2_grpc as pb_grpc
-from opd_client.errors import (BY_CODE, InternalError, InvalidRequest, NotFound, OPDError, PayloadTooLarge,
-                               PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable)
+from opd_client.errors import DeadlineExceeded, Unavailable
 from opd_client.targets import DNS_REFRESH_S, parse_target, resolve
 from opd_client.tls import TLS
 from opd_client.types import GenerateResponse, ModelInfo, ScoreResponse
@@ -42,6 +44,11 @@ from opd_client.types import GenerateResponse, ModelInfo, ScoreResponse
 # errors, HTTP 502/503/504 and gRPC UNAVAILABLE (a replica that is down, loading or
 # draining). Never bad input, auth, 404 or 429 (quota is the caller's signal to slow down;
 # ResourceExhausted.retry_after says by how much).
+# A timeout is one of those: no answer within the client's `timeout` (an HTTP read, write or
+# pool timeout; a gRPC DEADLINE_EXCEEDED) is retried like a connection error, and the teacher
+# has already dropped the abandoned try (its deadline / closed connection cancels it). When the
+# last try timed out the caller gets DeadlineExceeded (an Unavailable and a TimeoutError) naming
+# the deadline; so a call can take up to `attempts` x `timeout` plus the backoff.
 # With several replicas (targets.py), each request goes to the next one in rotation; a
 # replica that fails as above is taken out for a while (balance.Pool) and the retry goes at
 # once to a replica this request has not tried yet. Only when every replica has been tried
@@ -60,7 +67,6 @@ class RetryPolicy:
 
 
 NO_RETRY = RetryPolicy(attempts=1)
-_RETRY_HTTP_STATUS = {502, 503, 504}
 
 
 def _retryable(err: Exception) -> bool:
@@ -74,71 +80,6 @@ def _next_try(pool: Pool, tried: set, attempt: int, policy: RetryPolicy) -> floa
         return 0.0
     tried.clear()
     return policy.delay(attempt)
-
-
-def _unreachable(url: str, attempts: int, err: Exception) -> Unavailable:
-    return Unavailable(
-        f"cannot reach the OPD teacher at {url} after {attempts} attempt(s): {err}. "
-        "Check that `opd serve` is running and ready (GET /readyz), that OPD_TEACHER_URL points "
-        "at it (http://HOST:8000 or grpc://HOST:50051, several replicas comma-separated), and "
-        "that the port is open from here. " + (
-            "A teacher with mutual TLS (OPD_TLS_CLIENT_CA) refuses clients without a certificate it trusts: "
-            "pass TLS(cert=..., key=...) / OPD_TLS_CLIENT_CERT and OPD_TLS_CLIENT_KEY."
-            if url.startswith(("https", "grpcs")) else
-            "A teacher that serves TLS (OPD_TLS_CERT) needs https:// or grpcs://."))
-
-
-def _tls_refused(url: str, err: Exception) -> Exception | None:
-    """A TLS verification failure never heals by retrying: say so at once, with the fix."""
-    text = str(err)
-    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text.lower():
-        return Unavailable(f"TLS: the teacher at {url} presented a certificate that the CA bundle does not "
-                           f"trust ({text[:300]}). Pass TLS(ca=...) / OPD_TLS_CA with the CA that signed it.")
-    return None
-
-
-# ---- error mapping: wire -> OPDError (the inverse of the server's one place) -------------
-
-def _retry_after(value: str | None) -> float | None:
-    """The server's Retry-After (header or trailer) in seconds; None when it sent none (or a date)."""
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
-
-
-def _http_error(resp: httpx.Response) -> OPDError:
-    try:
-        err = resp.json().get("error", {})
-    except ValueError:
-        err = {}
-    msg = err.get("message") or resp.text[:500] or f"HTTP {resp.status_code}"
-    rid = err.get("request_id")
-    if resp.status_code in (413, 422, 400):
-        cls = PayloadTooLarge if resp.status_code == 413 else InvalidRequest
-        return cls(err.get("field", "request"), err.get("reason", msg), request_id=rid)
-    if resp.status_code == 429:
-        return ResourceExhausted(msg, retry_after=_retry_after(resp.headers.get("retry-after")), request_id=rid)
-    cls = {401: Unauthenticated, 403: PermissionDenied, 404: NotFound, 503: Unavailable}.get(resp.status_code)
-    cls = cls or BY_CODE.get(err.get("code", ""), InternalError)
-    if issubclass(cls, InvalidRequest):
-        cls = InternalError
-    return cls(msg, request_id=rid)
-
-
-def _grpc_error(e: grpc.RpcError) -> OPDError:
-    code, details = e.code(), e.details() or ""
-    md = {k: v for k, v in (e.trailing_metadata() or ())}
-    rid = md.get("opd-request-id")
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return InvalidRequest(md.get("opd-field", "request"), md.get("opd-reason", details), request_id=rid)
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return ResourceExhausted(details, retry_after=_retry_after(md.get("retry-after")), request_id=rid)
-    cls = {grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
-           grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
-           grpc.StatusCode.NOT_FOUND: NotFound,
-           grpc.StatusCode.UNAVAILABLE: Unavailable}.get(code, InternalError)
-    return cls(f"{code.name}: {details}", request_id=rid)
 
 
 def _score_args(sequences, top_k, temperature, entropy, chat_template_kwargs, add_special_tokens):
@@ -159,6 +100,54 @@ def _grpc_options(address: str) -> list:
     return GRPC_OPTIONS
 
 
+@dataclass(frozen=True)
+class _Op:
+    """One call, built for the client's transport, and how its answer becomes the public type.
+    HTTP: `method` `path`, `body` the JSON bytes (None: no body). gRPC: `rpc` the method, `body` the message."""
+    parse: Callable[[Any], Any]
+    body: Any = None
+    rpc: str = ""
+    method: str = ""
+    path: str = ""
+
+    @property
+    def headers(self) -> dict | None:
+        return {"content-type": "application/json"} if self.body is not None else None
+
+
+class _Attempts:
+    """One request's way through the retry and failover policy above. The sync and the async
+    `_call` drive it alike (pick; try; on failure sleep what `failed` returns, which raises once
+    the policy gives up) and differ only in how they call the transport and sleep."""
+
+    def __init__(self, client: _Base):
+        self.client, self.done, self.tried = client, 0, set()
+
+    def pick(self) -> Replica:
+        return self.client.pool.pick(self.tried)
+
+    def succeeded(self, r: Replica, out):
+        self.client.pool.succeeded(r)
+        return out
+
+    def failed(self, r: Replica, e: Exception) -> float:
+        """Seconds to wait before the next try; raises what the caller gets when there is none."""
+        c = self.client
+        err = wire_errors.classify(e, c.timeout)
+        if not _retryable(err):
+            raise err from e
+        if (refused := wire_errors.tls_refused(c.url, err)) is not None:
+            raise refused from e
+        c.pool.failed(r)
+        self.tried.add(r)
+        self.done += 1
+        if self.done >= c.retry.attempts:
+            if isinstance(err, DeadlineExceeded):
+                raise wire_errors.timed_out(c.url, self.done, c.timeout, err) from err
+            raise wire_errors.unreachable(c.url, self.done, err) from err
+        return _next_try(c.pool, self.tried, self.done - 1, c.retry)
+
+
 class _Base:
     def __init__(self, url: str, *, api_key: str | None = None, timeout: float = 120.0,
                  retry: RetryPolicy = RetryPolicy(), teacher: str | None = None, tls: TLS | None = None):
@@ -170,7 +159,7 @@ class _Base:
         self.timeout = timeout
         self.retry = retry
         self.api_key = api_key
-        self.teacher = teacher or ""          # named on every score request; "" = whichever this is
+        self.teacher = teacher or ""          # named on every score and generate request; "" = whichever this is
         self._headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         http_dns = self.target.dns and self.transport == "http"
@@ -196,22 +185,37 @@ class _Base:
         """httpx's `verify`: the TLS context for https://, the default otherwise."""
         return self.tls.ssl_context() if self.secure else True
 
-    def _classify(self, e: Exception) -> Exception:
-        if isinstance(e, grpc.RpcError):
-            return _grpc_error(e)
-        if isinstance(e, httpx.HTTPStatusError):
-            return _http_error(e.response)
-        return e
+    def _grpc_call(self, conn, op: _Op):
+        return getattr(conn.stub, op.rpc)(op.body, timeout=self.timeout, metadata=self._metadata)
 
+    # ---- the calls, built once for both clients ---------------------------------------------
 
-def _raise_http(r: httpx.Response):
-    if r.status_code >= 400:
-        raise _http_error(r) if r.status_code not in _RETRY_HTTP_STATUS else Unavailable(r.text[:300])
-    return orjson.loads(r.content)
+    def _score_op(self, sequences, top_k, temperature, entropy, chat_template_kwargs, add_special_tokens) -> _Op:
+        seqs, opts = _score_args(sequences, top_k, temperature, entropy, chat_template_kwargs, add_special_tokens)
+        if self.transport == "http":
+            return _Op(wire.response_from_json, orjson.dumps(wire.request_json(seqs, opts, self.teacher)),
+                       method="POST", path="/v1/score")
+        return _Op(wire.response_from_proto, wire.request_proto(seqs, opts, self.teacher), rpc="Score")
+
+    def _generate_op(self, prompts, max_tokens, temperature, stop_ids, seed) -> _Op:
+        args = (wire.as_prompts(prompts), max_tokens, temperature, list(stop_ids), seed)
+        if self.transport == "http":
+            return _Op(wire.generate_from_json, orjson.dumps(wire.generate_json(*args, teacher=self.teacher)),
+                       method="POST", path="/v1/generate")
+        return _Op(wire.generate_from_proto, wire.generate_proto(*args, teacher=self.teacher), rpc="Generate")
+
+    def _model_op(self) -> _Op:
+        if self.transport == "http":
+            return _Op(wire.model_from_json, method="GET", path="/v1/model")
+        return _Op(wire.model_from_proto, pb.GetModelRequest(), rpc="GetModel")
 
 
 class TeacherClient(_Base):
-    """Synchronous client. Thread-safe; one per process is enough."""
+    """Synchronous client. Thread-safe; one per process is enough.
+
+    Errors: an `OPDError` subclass per failure (errors.py). No answer within `timeout` (HTTP
+    timeout, gRPC deadline) is retried under the policy above; when the last try timed out the
+    caller gets `DeadlineExceeded` (also an `Unavailable` and a `TimeoutError`), naming the deadline."""
 
     def _connect(self, address: str):
         if self.transport == "http":
@@ -224,57 +228,36 @@ class TeacherClient(_Base):
         """fn(conn) on a replica, with the retry and failover policy above."""
         for conn in self._resolved():
             conn.close()
-        last: Exception | None = None
-        tried: set = set()
-        for attempt in range(self.retry.attempts):
-            r = self.pool.pick(tried)
+        run = _Attempts(self)
+        while True:
+            r = run.pick()
             try:
-                out = fn(r.conn)
-                self.pool.succeeded(r)
-                return out
-            except Exception as e:  # classified below; non-retryable ones re-raise at once
-                err = self._classify(e)
-                if not _retryable(err):
-                    raise err from e
-                if (refused := _tls_refused(self.url, err)) is not None:
-                    raise refused from e
-                last = err
-                self.pool.failed(r)
-                tried.add(r)
-            if attempt + 1 < self.retry.attempts:
-                time.sleep(_next_try(self.pool, tried, attempt, self.retry))
-        raise _unreachable(self.url, self.retry.attempts, last) from last
+                return run.succeeded(r, fn(r.conn))
+            except Exception as e:  # classified by run.failed; what is not retried re-raises there
+                time.sleep(run.failed(r, e))
 
-    def _http(self, method: str, path: str, body: bytes | None = None):
-        headers = {"content-type": "application/json"} if body is not None else None
-        return self._call(lambda c: _raise_http(c.request(method, path, content=body, headers=headers)))
-
-    def _rpc(self, name: str, req):
-        return self._call(lambda c: getattr(c.stub, name)(req, timeout=self.timeout, metadata=self._metadata))
+    def _send(self, op: _Op):
+        def once(c):
+            if op.rpc:
+                return self._grpc_call(c, op)
+            return wire_errors.raise_http(c.request(op.method, op.path, content=op.body, headers=op.headers))
+        return op.parse(self._call(once))
 
     def score(self, sequences: Iterable, *, top_k: int = 0, temperature: float = 1.0,
               entropy: bool = False, chat_template_kwargs: dict | None = None,
               add_special_tokens: bool = True) -> ScoreResponse:
-        seqs, opts = _score_args(sequences, top_k, temperature, entropy, chat_template_kwargs, add_special_tokens)
-        if self.transport == "http":
-            body = orjson.dumps(wire.request_json(seqs, opts, self.teacher))
-            return wire.response_from_json(self._http("POST", "/v1/score", body))
-        return wire.response_from_proto(self._rpc("Score", wire.request_proto(seqs, opts, self.teacher)))
+        return self._send(self._score_op(sequences, top_k, temperature, entropy, chat_template_kwargs,
+                                         add_special_tokens))
 
     def generate(self, prompts: Iterable, *, max_tokens: int = 16, temperature: float = 1.0,
                  stop_ids: Iterable[int] = (), seed: int | None = None) -> GenerateResponse:
         """Sample one completion per prompt from the teacher. `prompts`: token-id lists or
-        (id, token_ids) pairs. Only retried on connection failures; pass a seed to make a
-        retry return the same samples."""
-        args = (wire.as_prompts(prompts), max_tokens, temperature, list(stop_ids), seed)
-        if self.transport == "http":
-            return wire.generate_from_json(self._http("POST", "/v1/generate", orjson.dumps(wire.generate_json(*args))))
-        return wire.generate_from_proto(self._rpc("Generate", wire.generate_proto(*args)))
+        (id, token_ids) pairs. Retried under the policy above (connection failures, timeouts);
+        pass a seed to make a retry return the same samples."""
+        return self._send(self._generate_op(prompts, max_tokens, temperature, stop_ids, seed))
 
     def model(self) -> ModelInfo:
-        if self.transport == "http":
-            return wire.model_from_json(self._http("GET", "/v1/model"))
-        return wire.model_from_proto(self._rpc("GetModel", pb.GetModelRequest()))
+        return self._send(self._model_op())
 
     def close(self) -> None:
         for r in self.pool.replicas:
@@ -297,7 +280,7 @@ class _GrpcConn:
 
 
 class AsyncTeacherClient(_Base):
-    """asyncio client with the same methods as TeacherClient, awaited."""
+    """asyncio client with the same methods, errors and retries as TeacherClient, awaited."""
 
     def _connect(self, address: str):
         if self.transport == "http":
@@ -310,58 +293,33 @@ class AsyncTeacherClient(_Base):
     async def _call(self, fn):
         for conn in self._resolved():
             await conn.aclose()
-        last: Exception | None = None
-        tried: set = set()
-        for attempt in range(self.retry.attempts):
-            r = self.pool.pick(tried)
+        run = _Attempts(self)
+        while True:
+            r = run.pick()
             try:
-                out = await fn(r.conn)
-                self.pool.succeeded(r)
-                return out
-            except Exception as e:  # classified below; non-retryable ones re-raise at once
-                err = self._classify(e)
-                if not _retryable(err):
-                    raise err from e
-                if (refused := _tls_refused(self.url, err)) is not None:
-                    raise refused from e
-                last = err
-                self.pool.failed(r)
-                tried.add(r)
-            if attempt + 1 < self.retry.attempts:
-                await asyncio.sleep(_next_try(self.pool, tried, attempt, self.retry))
-        raise _unreachable(self.url, self.retry.attempts, last) from last
+                return run.succeeded(r, await fn(r.conn))
+            except Exception as e:  # classified by run.failed; what is not retried re-raises there
+                await asyncio.sleep(run.failed(r, e))
 
-    async def _http(self, method: str, path: str, body: bytes | None = None):
-        headers = {"content-type": "application/json"} if body is not None else None
-
-        async def go(c):
-            return _raise_http(await c.request(method, path, content=body, headers=headers))
-        return await self._call(go)
-
-    async def _rpc(self, name: str, req):
-        return await self._call(lambda c: getattr(c.stub, name)(req, timeout=self.timeout, metadata=self._metadata))
+    async def _send(self, op: _Op):
+        async def once(c):
+            if op.rpc:
+                return await self._grpc_call(c, op)
+            return wire_errors.raise_http(await c.request(op.method, op.path, content=op.body, headers=op.headers))
+        return op.parse(await self._call(once))
 
     async def score(self, sequences: Iterable, *, top_k: int = 0, temperature: float = 1.0,
                     entropy: bool = False, chat_template_kwargs: dict | None = None,
                     add_special_tokens: bool = True) -> ScoreResponse:
-        seqs, opts = _score_args(sequences, top_k, temperature, entropy, chat_template_kwargs, add_special_tokens)
-        if self.transport == "http":
-            body = orjson.dumps(wire.request_json(seqs, opts, self.teacher))
-            return wire.response_from_json(await self._http("POST", "/v1/score", body))
-        return wire.response_from_proto(await self._rpc("Score", wire.request_proto(seqs, opts, self.teacher)))
+        return await self._send(self._score_op(sequences, top_k, temperature, entropy, chat_template_kwargs,
+                                               add_special_tokens))
 
     async def generate(self, prompts: Iterable, *, max_tokens: int = 16, temperature: float = 1.0,
                        stop_ids: Iterable[int] = (), seed: int | None = None) -> GenerateResponse:
-        args = (wire.as_prompts(prompts), max_tokens, temperature, list(stop_ids), seed)
-        if self.transport == "http":
-            return wire.generate_from_json(await self._http("POST", "/v1/generate",
-                                                            orjson.dumps(wire.generate_json(*args))))
-        return wire.generate_from_proto(await self._rpc("Generate", wire.generate_proto(*args)))
+        return await self._send(self._generate_op(prompts, max_tokens, temperature, stop_ids, seed))
 
     async def model(self) -> ModelInfo:
-        if self.transport == "http":
-            return wire.model_from_json(await self._http("GET", "/v1/model"))
-        return wire.model_from_proto(await self._rpc("GetModel", pb.GetModelRequest()))
+        return await self._send(self._model_op())
 
     async def close(self) -> None:
         for r in self.pool.replicas:

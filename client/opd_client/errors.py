@@ -82,6 +82,14 @@ class Unavailable(OPDError, ConnectionError):
     code = "unavailable"
 
 
+class DeadlineExceeded(Unavailable, TimeoutError):
+    """No answer within the deadline (the client's `timeout`: an HTTP timeout, a gRPC deadline);
+    the message names it in seconds. An `Unavailable`, so it is retried like one and caught like
+    one, and a builtin `TimeoutError`."""
+
+    code = "deadline_exceeded"
+
+
 class ConfigError(OPDError, ValueError):
     """A setting has a bad value; raised at start-up, before anything is served."""
 
@@ -95,5 +103,5 @@ class InternalError(OPDError, RuntimeError):
 BY_CODE: dict[str, type[OPDError]] = {
     cls.code: cls
     for cls in (InvalidRequest, PayloadTooLarge, Unauthenticated, PermissionDenied, NotFound,
-                ResourceExhausted, QueueFull, Unavailable, ConfigError, InternalError)
+                ResourceExhausted, QueueFull, Unavailable, DeadlineExceeded, ConfigError, InternalError)
 }

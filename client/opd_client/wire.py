@@ -1,4 +1,4 @@
-"""Client-side encoding of score requests and decoding of responses, for HTTP JSON and gRPC.
+"""Client-side encoding of score and generate requests and decoding of responses, for HTTP JSON and gRPC.
 
 The server's side of the same contract lives in `opd_services.teacher.surfaces.protocol`; a test
 holds the two to the same numbers. Nothing here does I/O.
@@ -216,11 +216,13 @@ def as_prompts(prompts) -> list[tuple[str, list[int]]]:
     return out
 
 
-def generate_json(prompts, max_tokens: int, temperature: float, stop_ids, seed) -> dict:
+def generate_json(prompts, max_tokens: int, temperature: float, stop_ids, seed, teacher: str = "") -> dict:
     body = {"prompts": [{"id": i, "token_ids": ids} for i, ids in prompts], "max_tokens": int(max_tokens),
             "temperature": float(temperature), "stop_ids": _ids(stop_ids)}
     if seed is not None:
         body["seed"] = int(seed)
+    if teacher:
+        body["teacher"] = teacher
     return body
 
 
@@ -234,9 +236,11 @@ def generate_from_json(d: dict) -> GenerateResponse:
         usage=GenerateUsage(u.get("prompt_tokens", 0), u.get("generated_tokens", 0)))
 
 
-def generate_proto(prompts, max_tokens: int, temperature: float, stop_ids, seed) -> pb.GenerateRequest:
+def generate_proto(prompts, max_tokens: int, temperature: float, stop_ids, seed,
+                   teacher: str = "") -> pb.GenerateRequest:
     msg = pb.GenerateRequest(prompts=[pb.Prompt(id=i, token_ids=ids) for i, ids in prompts],
-                             max_tokens=int(max_tokens), temperature=float(temperature), stop_ids=_ids(stop_ids))
+                             max_tokens=int(max_tokens), temperature=float(temperature), stop_ids=_ids(stop_ids),
+                             teacher=teacher)
     if seed is not None:
         msg.seed = int(seed)
     return msg

@@ -1,7 +1,7 @@
 """The client's retry policy against small real loopback servers (HTTP and gRPC) that answer
 a chosen status and count the calls they get: only "the server did not answer" is retried
-(HTTP 502/503/504, gRPC UNAVAILABLE), never bad input, auth, quota or a server bug, and
-`retry_after` is what the server sent (header or trailer), None when it sent none.
+(HTTP 502/503/504, gRPC UNAVAILABLE and DEADLINE_EXCEEDED), never bad input, auth, quota or a
+server bug, and `retry_after` is what the server sent (header or trailer), None when it sent none.
 
 The servers are stand-ins because no real teacher can be made to answer each status on
 demand; the real teacher's own 429 / RESOURCE_EXHAUSTED is checked in
@@ -19,7 +19,7 @@ import pytest
 
 from opd_client import (AsyncTeacherClient, InvalidRequest, ResourceExhausted, RetryPolicy, TeacherClient,
                         Unavailable)
-from opd_client.errors import InternalError, NotFound, PayloadTooLarge, PermissionDenied, Unauthenticated
+from opd_client.errors import DeadlineExceeded, InternalError, NotFound, PayloadTooLarge, PermissionDenied, Unauthenticated
 
 POLICY = RetryPolicy(attempts=3, backoff_s=0.01, max_backoff_s=0.01)
 
@@ -125,6 +125,7 @@ def test_http_retries_only_gateway_and_unavailable_statuses(http_stub, status, c
 
 
 GRPC_CASES = [(grpc.StatusCode.UNAVAILABLE, Unavailable, 3),
+              (grpc.StatusCode.DEADLINE_EXCEEDED, DeadlineExceeded, 3),   # a timeout: retried
               (grpc.StatusCode.INVALID_ARGUMENT, InvalidRequest, 1),
               (grpc.StatusCode.RESOURCE_EXHAUSTED, ResourceExhausted, 1),
               (grpc.StatusCode.UNAUTHENTICATED, Unauthenticated, 1),
