@@ -19,8 +19,8 @@ waiting behind a heavy one's backlog, and padding stays low. With one experiment
 with length grouping. Batches are not preempted: a sequence can still wait for the batch in
 progress, so OPD_MAX_BATCH_TOKENS bounds the latency others add to a light experiment.
 A request whose caller gives up (its task is cancelled: gRPC deadline, HTTP disconnect) flags
-its queued sequences and jobs; flagged ones are dropped when the next batch is formed, so they
-never reach the engine (a batch already running finishes).
+its queued sequences and jobs; flagged ones never reach the engine (a batch already running
+finishes), and the experiment's later sequences get back the virtual time the cancelled ones held.
 This module does not validate, authenticate or encode anything.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from opd_services import metrics
-from opd_services.errors import Unavailable
+from opd_services.errors import InternalError, Unavailable
 from opd_services.memory import give_back_free_memory
 from opd_services.teacher.engines.base import MIN_SHARED_PREFIX, Engine, ItemScores, ScoreItem
 
@@ -136,14 +136,40 @@ class Batcher:
             metrics.INFLIGHT_TOKENS.dec(n_tokens)
 
     def _cancel(self, entries: list, experiment: str) -> None:
-        """The caller gave up: flag what is still queued; count the request if anything was."""
+        """The caller gave up: flag what is still queued and hand its virtual time back to the
+        experiment (`_roll_back`); count the request if anything was still queued."""
         with self._cond:
             queued = {id(x) for x in (*self._pending, *self._jobs)}
             left = [e for e in entries if id(e) in queued]
             for e in left:
                 e.cancelled = True
+            if any(isinstance(e, _Pending) for e in left):
+                self._roll_back(experiment)
         if left:
             metrics.CANCELLED.labels(experiment).inc()
+
+    def _roll_back(self, experiment: str) -> None:
+        """Re-tag the experiment's queued sequences as if its cancelled ones had never been queued
+        (lock held), so work nobody waits for does not push its later work back. Its tags form a
+        chain (each sequence starts where the previous one finished); walking it, a cancelled
+        sequence frees its place and those chained after it move up. A gap in the chain (the
+        experiment was idle, or a sequence there already went to the engine) ends the move: what
+        follows a gap did not queue behind the cancelled work. Cancelled sequences leave the queue."""
+        mine = sorted((p for p in self._pending if p.experiment == experiment), key=lambda p: p.start)
+        was = end = None      # the previous sequence's finish tag before / after re-tagging
+        for p in mine:
+            chained = was is not None and p.start <= was
+            was = p.finish
+            if not chained:
+                end = p.start
+            if p.cancelled:
+                continue
+            p.start, p.finish = end, end + (p.finish - p.start)
+            end = p.finish
+        if was is not None and self._last_finish.get(experiment) == was:    # the chain ends in the queue
+            self._last_finish[experiment] = end
+        self._pending = [p for p in self._pending if not p.cancelled]
+        metrics.QUEUED_SEQUENCES.set(len(self._pending))
 
     def _idle_credit(self, first: ScoreItem, weight: float) -> float:
         """An experiment that was idle starts early by its first sequence's own virtual length
@@ -194,22 +220,34 @@ class Batcher:
                 with self._cond:
                     self._busy = 0
             elapsed = time.perf_counter() - t0
-            # 3) hand results back to the loop, account the engine time by tokens
-            if results is not None:
-                for p, r in zip(batch, results):
-                    p.loop.call_soon_threadsafe(_resolve, p.future, r)
+            # 3) account the engine time by tokens, then hand results back to the loop (in this
+            # order, so a caller that has its answer also sees its engine seconds in the metrics)
             self._account(batch, elapsed)
+            if results is not None:
+                self._hand_back(batch, results)
             give_back_free_memory()        # at most once a minute (opd_services/memory.py)
+
+    def _hand_back(self, batch: list[_Pending], results: list[ItemScores]) -> None:
+        """Each sequence's result to its caller. An engine that answered a different number of
+        sequences than it was given broke its contract: which result belongs to which sequence is
+        unknown, so the whole batch fails (InternalError) rather than leaving callers waiting."""
+        if len(results) != len(batch):
+            log.error("engine returned %d results for a batch of %d sequences", len(results), len(batch))
+            err = InternalError(f"the engine returned {len(results)} results for a batch of {len(batch)} "
+                                "sequences; this is a bug in the engine, not in the request: report it")
+            for p in batch:
+                p.loop.call_soon_threadsafe(_fail, p.future, err)
+            return
+        for p, r in zip(batch, results):
+            p.loop.call_soon_threadsafe(_resolve, p.future, r)
 
     def _run_job(self, job: _Job) -> None:
         t0 = time.perf_counter()
         try:
-            result = job.fn(self.engine)
+            answer = (_resolve, job.fn(self.engine))
         except Exception as e:  # a failed job fails its own request only
             log.exception("engine failed on a job")
-            job.loop.call_soon_threadsafe(_fail, job.future, e)
-        else:
-            job.loop.call_soon_threadsafe(_resolve, job.future, result)
+            answer = (_fail, e)
         finally:
             with self._cond:
                 self._busy = 0
@@ -219,6 +257,7 @@ class Batcher:
         metrics.TEACHER_ENGINE_SECONDS.labels(job.experiment, job.kind).inc(elapsed)
         if self.on_engine_time:
             self.on_engine_time(job.experiment, elapsed)
+        job.loop.call_soon_threadsafe(answer[0], job.future, answer[1])     # after the accounting, as above
 
     def _take(self) -> list[_Pending] | _Job | None:
         """The next batch or job; None when stopping; [] when every waiting caller gave up."""
@@ -277,14 +316,16 @@ class Batcher:
         pending, anchor = self._pending, self._pending[a]
         n0 = anchor.item.n_tokens
         near = [i for i in range(len(pending)) if i != a and pending[i].finish <= horizon]
-        group = {i: pending[i].prompt or -1 - i for i in near}     # a short prompt is a group of its own
-        dist: dict[int, int] = {}
+        # A group key: ("prompt", hash) for a shared prompt (a hash may be negative), ("own", i) for a
+        # prompt too short to share, a group of its own that never matches another's.
+        group = {i: ("prompt", pending[i].prompt) if pending[i].prompt else ("own", i) for i in near}
+        dist: dict[tuple[str, int], int] = {}
         for i in near:
             d = abs(pending[i].item.n_tokens - n0)
             dist[group[i]] = min(d, dist.get(group[i], d))
-        return sorted(near, key=lambda i: (group[i] != anchor.prompt, dist[group[i]], pending[i].finish
-                                           if group[i] < 0 else 0, group[i], abs(pending[i].item.n_tokens - n0),
-                                           pending[i].finish))
+        return sorted(near, key=lambda i: (group[i] != ("prompt", anchor.prompt), dist[group[i]],
+                                           pending[i].finish if group[i][0] == "own" else 0, group[i],
+                                           abs(pending[i].item.n_tokens - n0), pending[i].finish))
 
     def _account(self, batch: list[_Pending], elapsed: float) -> None:
         lens = [p.item.n_tokens for p in batch]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -49,7 +50,21 @@ def http_app(service: ScoringService, max_body_bytes: int, registry: Registry | 
         app.include_router(admin_router(registry, tenant_dependency(service)))
     vllm.mount(app, service)
     sglang.mount(app, service)
-    return Observe(CancelOnDisconnect(BodyLimit(app, max_body_bytes, body_timeout_s)), HTTP_ROUTES)
+    # The ASGI middlewares, outermost first, applied in this one place. The order matters:
+    #  1) Observe, outermost: it counts every answer, the 413 / 408 that BodyLimit gives before
+    #     any route runs included, turns a 500 into 499 when CancelOnDisconnect flagged the client
+    #     as gone, and keeps an internal error that was already answered from reaching uvicorn.
+    #  2) CancelOnDisconnect, outside BodyLimit: once the body is read its watcher waits on the
+    #     raw `receive` for a disconnect, which BodyLimit's body deadline must not cut short.
+    #  3) BodyLimit, innermost: it bounds the body the routes read (size and arrival time).
+    middleware = [
+        functools.partial(Observe, routes=HTTP_ROUTES),
+        CancelOnDisconnect,
+        functools.partial(BodyLimit, max_bytes=max_body_bytes, timeout_s=body_timeout_s),
+    ]
+    for wrap in reversed(middleware):
+        app = wrap(app)
+    return app
 
 
 def _uvicorn_tls(s: Settings) -> dict:
