@@ -118,6 +118,10 @@ def test_admin_manages_experiments_over_http(tenant_teacher, registry):
     assert shown["weight"] == 2 and "key_hash" not in shown and shown["redis_user"] == acl_user(n)
     r = httpx.patch(f"{url}/v1/admin/experiments/{n}", headers=admin, json={"weight": 0})
     assert r.status_code == 422 and r.json()["error"]["field"] == "weight"
+    for bad in ({"weight": True}, {"max_inflight_tokens": False}, {"max_backlog": True}, {"max_backlog": 2.5}):
+        r = httpx.patch(f"{url}/v1/admin/experiments/{n}", headers=admin, json=bad)     # not a number / integer
+        assert r.status_code == 422 and r.json()["error"]["field"] == next(iter(bad)), (bad, r.text)
+    assert httpx.post(f"{url}/v1/admin/experiments", headers=admin, json={"name": name(), "weight": True}).status_code == 422
     assert shown["teacher"] is None                                  # the scorers' default teacher
     r = httpx.patch(f"{url}/v1/admin/experiments/{n}", headers=admin, json={"teacher": "math"})
     assert r.status_code == 200 and r.json()["teacher"] == "math"

@@ -19,6 +19,7 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 
 from opd_services.errors import PermissionDenied
+from opd_services.teacher.surfaces.common import Int, Number
 from opd_services.tenancy.auth import Tenant
 from opd_services.tenancy.registry import Registry
 
@@ -26,17 +27,17 @@ from opd_services.tenancy.registry import Registry
 class ExperimentSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
-    weight: float = Field(1.0, description="Share of teacher time relative to other experiments.")
-    max_inflight_tokens: int | None = Field(None, description="Tokens in flight at the teacher; over it -> 429.")
-    max_backlog: int | None = Field(None, description="Rollouts waiting + being scored; over it -> QueueFull.")
+    weight: Number = Field(1.0, description="Share of teacher time relative to other experiments.")
+    max_inflight_tokens: Int | None = Field(None, description="Tokens in flight at the teacher; over it -> 429.")
+    max_backlog: Int | None = Field(None, description="Rollouts waiting + being scored; over it -> QueueFull.")
     teacher: str | None = Field(None, description="Default teacher of its rollouts (a name in the scorers' OPD_TEACHERS); unset = the scorers' default.")
 
 
 class ExperimentPatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    weight: float | None = None
-    max_inflight_tokens: int | None = None
-    max_backlog: int | None = None
+    weight: Number | None = None
+    max_inflight_tokens: Int | None = None
+    max_backlog: Int | None = None
     teacher: str | None = None
 
 
