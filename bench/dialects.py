@@ -117,7 +117,7 @@ def main() -> None:
         for route, base, what in (("vllm", "native", ""), ("tokens", "native", ""), ("sglang", "native", ""),
                                   ("tokens", "native1", ", one sequence per request as tokens sends")):
             r = ratio(route, base, k)
-            print(f"D1 k={k} {route:<7} / native HTTP{what} ({args.engine} engine, median of {args.passes} passes)  "
+            print(f"DR1 k={k} {route:<7} / native HTTP{what} ({args.engine} engine, median of {args.passes} passes)  "
                   f"{r:6.3f}  (target >= 0.9)  {'PASS' if r >= 0.9 else 'MISS'}")
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
     print("json:", json.dumps(fig))

@@ -11,7 +11,7 @@ k = 0 and k = 5. Systems, each alone on the machine in turn:
   - in-process vLLM (AsyncLLM.generate, the requests our engine sends, nothing parsed) and
     our VllmEngine.score in-process; in-process torch engine (TorchEngine.score, 16k-token batches).
 Prints P1 (ours, best, / vllm serve), P2 (ours on vLLM / in-process vLLM), P3 (bytes per scored
-token on the wire), D1 (dialect route / native HTTP route) and a json line.
+token on the wire), DR1 (dialect route / native HTTP route) and a json line.
 `--p4` runs P4 instead (prefix-shared groups of completions, issue 12): bench/peer_p4.py.
 """
 from __future__ import annotations
@@ -231,7 +231,7 @@ def report(fig: dict) -> list[str]:
         lines.append(ratio(f"P3 k={k} gRPC bytes / vllm serve JSON bytes", ours_b / peer_b, 0.1, "<="))
         for eng in ("vllm", "torch"):
             d = fig[f"opd-{eng}/completions/k{k}"] / fig[f"opd-{eng}/http/k{k}"]
-            lines.append(ratio(f"D1 k={k} dialect route / native HTTP route ({eng} engine)", d, 0.9))
+            lines.append(ratio(f"DR1 k={k} dialect route / native HTTP route ({eng} engine)", d, 0.9))
     return lines
 
 
