@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -56,3 +57,72 @@ def test_freed_activations_are_reused_not_faulted_in_again():
     # the free memory kept for reuse goes back to the OS when asked (the batcher: once a minute)
     assert default["trimmed"] is False and reuse["trimmed"] is True
     assert reuse["held"] - reuse["after_trim"] > 32 << 20, reuse
+
+
+class FakeLibc:
+    """Stands in for libc: records mallopt settings and malloc_trim calls (no process-wide change)."""
+
+    opened: list = []
+
+    def __init__(self, name):
+        FakeLibc.opened.append(name)
+        self.settings = []
+
+    def mallopt(self, param, value):
+        self.settings.append((param, value))
+        return 1
+
+    def malloc_trim(self, pad):
+        return 1
+
+
+@pytest.fixture
+def fake_libc(monkeypatch):
+    import ctypes.util
+    from opd_services import memory
+    FakeLibc.opened = []
+    monkeypatch.setattr(memory, "ctypes", SimpleNamespace(CDLL=FakeLibc, util=ctypes.util))
+    monkeypatch.setattr(memory, "_trim", None)
+    monkeypatch.setattr(memory, "_last_trim", 0.0)
+    return memory
+
+
+def test_libc_is_opened_once(fake_libc):
+    assert fake_libc.reuse_freed_memory() is True
+    assert len(FakeLibc.opened) == 1
+
+
+def test_free_pages_go_back_at_most_once_a_minute(fake_libc, monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(fake_libc, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    assert fake_libc.give_back_free_memory() is False          # reuse off: never trims
+    assert fake_libc.reuse_freed_memory() is True
+    calls = []
+    monkeypatch.setattr(fake_libc, "_trim", lambda pad: calls.append(now[0]))
+    assert fake_libc.TRIM_EVERY_S == 60.0
+    for t in (1000.0, 1030.0, 1059.9):                          # within a minute of start-up: nothing
+        now[0] = t
+        assert fake_libc.give_back_free_memory() is False
+    now[0] = 1060.0
+    assert fake_libc.give_back_free_memory() is True
+    for t in (1060.0, 1100.0, 1119.9):                          # within a minute of the last trim
+        now[0] = t
+        assert fake_libc.give_back_free_memory() is False
+    now[0] = 1120.0
+    assert fake_libc.give_back_free_memory() is True
+    assert calls == [1060.0, 1120.0]
+
+
+def test_no_setting_is_changed_where_malloc_trim_is_missing(fake_libc, monkeypatch):
+    """A libc with mallopt but no malloc_trim (the heap could never shrink): nothing is set."""
+    class NoTrim:
+        def __init__(self, name):
+            self.settings = []
+
+        def mallopt(self, param, value):
+            self.settings.append((param, value))
+            return 1
+    made = []
+    fake_libc.ctypes.CDLL = lambda name: made.append(NoTrim(name)) or made[-1]
+    assert fake_libc.reuse_freed_memory() is False
+    assert made[0].settings == [] and fake_libc.give_back_free_memory(every_s=0) is False

@@ -123,12 +123,35 @@ def test_cache_across_requests_hit_equals_miss(tiny_model, unshared):
     for x, y, z in zip(one_by_one, again, unshared.score(members)):
         assert_same(x, z)
         assert_same(y, z)
-    # the same request twice: the second is all hits and returns exactly the first's numbers
-    first, second = engine.score(members[:4]), engine.score(members[:4])
-    for a, b in zip(first, second):
-        assert_same(a, b, tol=0)
     assert 0 < engine.prefix_cache.bytes <= 16 << 20
     assert metrics.PREFIX_CACHE_BYTES.labels("torch")._value.get() == engine.prefix_cache.bytes
+
+
+def lookups(result: str) -> float:
+    return metrics.PREFIX_CACHE_LOOKUPS.labels("torch", result)._value.get()
+
+
+@pytest.mark.parametrize("lead", [0, 5])
+def test_a_cold_and_a_warm_cache_give_identical_numbers(tiny_model, unshared, lead):
+    """The same request on an empty cache (every lookup a miss, the prefixes computed) and again
+    on the warm cache (every lookup a hit): bit for bit the same numbers on every field where the
+    shared prefix is the prompt. With `lead`, the completions share tokens past the prompt: the
+    cache keeps the prompt only, so the hit runs those tokens on the cached prompt's KV where the
+    cold run computed the whole prefix in one forward: the same numbers up to float rounding."""
+    engine = TorchEngine(tiny_model, device="cpu", max_top_k=20, prefix_cache_mb=16)
+    rng = np.random.default_rng(9)
+    items = all_fields(rng, 48, 4, lead=lead) + all_fields(rng, 30, 1)
+    assert len(engine.prefix_cache) == 0
+    hits, misses = lookups("hit"), lookups("miss")
+    cold = engine.score(items)
+    assert (lookups("hit") - hits, lookups("miss") - misses) == (0, 2)
+    assert len(engine.prefix_cache) == 2
+    hits, misses = lookups("hit"), lookups("miss")
+    warm = engine.score(items)
+    assert (lookups("hit") - hits, lookups("miss") - misses) == (2, 0)
+    for c, w, u in zip(cold, warm, unshared.score(items)):
+        assert_same(c, w, tol=0 if lead == 0 else TOL)
+        assert_same(c, u)
 
 
 def entry(n: int, width: int = 4) -> Prefix:
@@ -239,17 +262,53 @@ def test_auto_dtype_means_the_same_everywhere(tmp_path):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_prefix_attention_formula_matches_the_cpu_kernel(causal):
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_prefix_attention_formula_matches_the_cpu_kernel(causal, kv_heads):
     """`_attention`'s plain formula (used off CPU, where torch's flash kernel does not return the
-    log-sum-exp) against the CPU kernel: the merge of prefix and own attention depends on both."""
+    log-sum-exp) against the CPU kernel, and both against attention over KV repeated per query
+    head (GQA as transformers' repeat_kv): the merge of prefix and own attention depends on both."""
     import torch
     from opd_services.teacher.engines import prefix
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(3, 4, 9, 8, generator=g) for _ in range(3))
+    q = torch.randn(3, 4, 9, 8, generator=g)
+    k, v = (torch.randn(3, kv_heads, 9, 8, generator=g) for _ in range(2))
     kernel = prefix._attention(q, k, v, causal, 0.3)
     formula = prefix._attention_formula(q, k, v, causal, 0.3)
-    for a, b in zip(kernel, formula):
+    rep = 4 // kv_heads
+    repeated = prefix._attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), causal, 0.3)
+    for a, b, c in zip(kernel, formula, repeated):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(a, c, atol=1e-6, rtol=1e-5)
+
+
+def test_gqa_prefix_kv_is_never_repeated_per_head(shared, unshared, monkeypatch):
+    """TINY is GQA (4 query heads on 2 KV heads): shared scoring reads each KV head as it is
+    (no repeat_interleave of the prefix's or the rows' KV in any layer) and equals unshared."""
+    import torch
+    assert shared.model.config.num_key_value_heads < shared.model.config.num_attention_heads
+    items = all_fields(np.random.default_rng(7), 40, 3)
+    ref = unshared.score(items)
+
+    def no_repeat(*a, **kw):
+        raise AssertionError("KV repeated per query head")
+    monkeypatch.setattr(torch.Tensor, "repeat_interleave", no_repeat)
+    monkeypatch.setattr(torch, "repeat_interleave", no_repeat)
+    before = prefix_tokens("batch")
+    got = shared.score(items)
+    assert prefix_tokens("batch") - before >= 2 * 40
+    for a, b in zip(got, ref):
+        assert_same(a, b)
+
+
+def test_gqa_sharing_on_the_formula_path_equals_unshared(shared, unshared, monkeypatch):
+    """The off-CPU attention (the plain formula, GQA by grouping queries) run here in the engine:
+    shared scoring of a GQA model still equals unshared on every field."""
+    from opd_services.teacher.engines import prefix
+    monkeypatch.setattr(prefix, "_attention", prefix._attention_formula)
+    rng = np.random.default_rng(8)
+    items = all_fields(rng, 40, 4) + all_fields(rng, 17, 3, lead=6) + group(rng, 33, 2, top_k=2)
+    for a, b in zip(shared.score(items), unshared.score(items)):
+        assert_same(a, b)
 
 
 def test_sharing_is_off_where_attention_is_not_plain_causal(tmp_path, unshared):

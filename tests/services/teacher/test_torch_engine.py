@@ -145,3 +145,63 @@ def test_onednn_linears_only_for_float32_on_cpu():
     assert use_onednn_linears(f32) and all(type(f32[i]) is OneDnnLinear for i in (0, 2))
     with torch.inference_mode():
         torch.testing.assert_close(f32(x), want.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["onednn", "torch-default"])
+def bf16_engine(tiny_model, request):
+    return TorchEngine(tiny_model, device="cpu", dtype="bfloat16", max_top_k=20, share_prefixes=False,
+                       cpu_onednn=request.param)
+
+
+def test_a_bfloat16_model_gets_float32_exact_logprobs(bf16_engine, request):
+    """On a bfloat16 model the head's matmul runs in float32 too: the logprobs equal a float64
+    log-softmax of the model's own bfloat16 hidden states times its bfloat16 head weight, to
+    float32 rounding. A bfloat16 matmul (the logits rounded to 8 bits) would miss by 100x more."""
+    from opd_services.teacher.engines.torch_engine import Float32Head
+    engine = bf16_engine
+    assert engine.info.dtype == "bfloat16" and engine.head.weight.dtype == torch.bfloat16
+    assert isinstance(engine.head_model.lm_head, Float32Head) and engine.head32.linear is engine.head
+    onednn = request.node.callspec.params["bf16_engine"]
+    assert engine.head32.onednn == (onednn and torch.backends.mkldnn.is_available())
+    assert type(engine.model.lm_head) is torch.nn.Linear        # the model itself is unchanged
+    with torch.no_grad():
+        engine.head.weight.mul_(16)        # logits of ~unit scale, where 8-bit rounding shows
+        w64_V_H = engine.head.weight.double()
+        try:
+            rng = np.random.default_rng(5)
+            items = random_items(rng, 6, engine.vocab_size, top_k=5, entropy=True, cands=3)
+            got = [engine.score([it])[0] for it in items]       # unpadded: the hidden states below, bit for bit
+            worst_bf16 = 0.0
+            for it, r in zip(items, got):
+                with torch.inference_mode():
+                    hidden_L_H = engine.body(input_ids=torch.from_numpy(it.token_ids)[None],
+                                             use_cache=False).last_hidden_state[0]
+                    rows_T_H = hidden_L_H[it.score_from - 1:-1]
+                    ref_T_V = torch.log_softmax(rows_T_H.double() @ w64_V_H.T, -1).numpy()
+                    bf16_T_V = torch.log_softmax(engine.head(rows_T_H).float(), -1).double().numpy()
+                t, target = np.arange(it.n_scored), it.token_ids[it.score_from:]
+                assert np.abs(ref_T_V).max() > 1.0
+                np.testing.assert_allclose(r.logprobs_T, ref_T_V[t, target], atol=1e-5, rtol=0)
+                np.testing.assert_allclose(r.top_logprobs_T_K, -np.sort(-ref_T_V, 1)[:, :5], atol=1e-5, rtol=0)
+                np.testing.assert_allclose(r.candidate_logprobs_T_C,
+                                           np.take_along_axis(ref_T_V, it.candidate_ids_T_C, 1), atol=1e-5, rtol=0)
+                np.testing.assert_allclose(r.entropy_T, -(np.exp(ref_T_V) * ref_T_V).sum(1), atol=1e-5, rtol=0)
+                worst_bf16 = max(worst_bf16, float(np.abs(bf16_T_V - ref_T_V).max()))
+            assert worst_bf16 > 100 * 1e-5, worst_bf16
+        finally:
+            engine.head.weight.div_(16)
+
+
+def test_the_float32_head_upcasts_its_weight_once_per_batch(bf16_engine, monkeypatch):
+    """Off CUDA the float32 copy of the weight is made once per batch, not once per chunk."""
+    head32 = bf16_engine.head32
+    assert head32 is not None and not head32.native
+    made = []
+    real = torch.Tensor.float
+    monkeypatch.setattr(torch.Tensor, "float",
+                        lambda t, *a, **kw: made.append(t.shape) or real(t, *a, **kw))
+    monkeypatch.setattr(bf16_engine, "chunk_rows", 5)
+    items = random_items(np.random.default_rng(6), 6, bf16_engine.vocab_size)
+    bf16_engine.score(items)
+    assert sum(it.n_scored for it in items) > 3 * 5                      # several chunks
+    assert made.count(head32.weight.shape) == 1 and head32._weight32 is None

@@ -15,8 +15,9 @@ How `shared_hidden` runs a batch:
      computed once (on a cached prompt if any) and cached;
   3) run every sequence's remainder on its prefix's KV in one forward (position ids continuing
      from each prefix's length); each layer's attention reads a group's prefix KV once for all
-     its members (no per-member copy) and merges it with the member's own causal attention by
-     log-sum-exp (`_Attend`, installed as the model's attention function by `install`);
+     its members (no per-member copy, and with GQA no per-query-head copy) and merges it with the
+     member's own causal attention by log-sum-exp (`_Attend`, installed as the model's attention
+     function by `install`);
   4) assemble right-padded hidden states [B, Lmax, H] exactly as an unshared forward gives
      them, and put new prefixes (capped at the prompt) into the cache.
 Causal attention makes the KV of tokens[:P] a function of tokens[:P] alone, so reuse is exact
@@ -326,19 +327,19 @@ class _Attend:
         self.calls = 0
 
     def attend(self, module, q_B_h_S_d, k_B_k_S_d, v_B_k_S_d, scale) -> torch.Tensor:
+        """GQA (kv_heads < heads) reads each KV head for its query heads as it is: no KV is repeated."""
         self.calls += 1
         if self.want_kv:
             self.keys.append(k_B_k_S_d)
             self.values.append(v_B_k_S_d)
-        rep = getattr(module, "num_key_value_groups", 1)
         scale = scale if scale is not None else q_B_h_S_d.shape[-1] ** -0.5
-        out_B_h_S_d, lse_B_h_S = _attention(q_B_h_S_d, _heads(k_B_k_S_d, rep), _heads(v_B_k_S_d, rep), True, scale)
+        out_B_h_S_d, lse_B_h_S = _attention(q_B_h_S_d, k_B_k_S_d, v_B_k_S_d, True, scale)
         for prefix, lo, hi in self.groups:
             q = q_B_h_S_d[lo:hi]
             n, h, s, d = q.shape
-            kp = _heads(prefix.keys[module.layer_idx][None], rep)
-            vp = _heads(prefix.values[module.layer_idx][None], rep)
-            o, lse = _attention(q.transpose(0, 1).reshape(1, h, n * s, d), kp, vp, False, scale)
+            kp_1_k_P_d = prefix.keys[module.layer_idx][None]
+            vp_1_k_P_d = prefix.values[module.layer_idx][None]
+            o, lse = _attention(q.transpose(0, 1).reshape(1, h, n * s, d), kp_1_k_P_d, vp_1_k_P_d, False, scale)
             pre_o = o.reshape(h, n, s, d).transpose(0, 1).contiguous()
             pre_lse = lse.reshape(h, n, s).transpose(0, 1).contiguous()
             own_o, own_lse = out_B_h_S_d[lo:hi], lse_B_h_S[lo:hi]     # views: merged in place
@@ -350,25 +351,30 @@ class _Attend:
         return out_B_h_S_d.transpose(1, 2).contiguous()
 
 
-def _heads(kv: torch.Tensor, rep: int) -> torch.Tensor:
-    """GQA: each KV head repeated for its query heads."""
-    return kv if rep == 1 else kv.repeat_interleave(rep, dim=1)
-
-
 def _attention(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(q k^T * scale [causal]) v and its log-sum-exp per query, [B, h, S, d] and [B, h, S].
-    On CPU torch's flash kernel; elsewhere the plain formula (materialises the scores)."""
+    """softmax(q k^T * scale [causal]) v and its log-sum-exp per query, [B, h, S, d] and [B, h, S],
+    for k, v of [B, kv_heads, T, d]: query head j reads KV head j // (h / kv_heads) (GQA, as
+    transformers' repeat_kv), with no KV repeated. On CPU torch's flash kernel (it takes GQA as
+    is); elsewhere the plain formula (materialises the scores)."""
     if q.device.type == "cpu":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
     return _attention_formula(q, k, v, causal, scale)
 
 
-def _attention_formula(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    s = (q @ k.transpose(-1, -2)).float() * scale
+def _attention_formula(q_B_h_S_d, k_B_k_T_d, v_B_k_T_d, causal: bool,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain formula, GQA by grouping: a KV head's query heads are stacked along the sequence
+    ([B, kv, rep * S, d]), so each KV head is read once by one matmul for all of them."""
+    b, h, s, d = q_B_h_S_d.shape
+    kv, t = k_B_k_T_d.shape[1], k_B_k_T_d.shape[2]
+    q_B_k_RS_d = q_B_h_S_d.reshape(b, kv, (h // kv) * s, d)
+    scores = (q_B_k_RS_d @ k_B_k_T_d.transpose(-1, -2)).float() * scale
     if causal:
-        s.masked_fill_(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    return ((s - lse[..., None]).exp().to(v.dtype) @ v), lse
+        future_S_T = torch.ones(s, t, dtype=torch.bool, device=scores.device).triu(1)
+        scores.masked_fill_(future_S_T.repeat(h // kv, 1), float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    out = (scores - lse[..., None]).exp().to(v_B_k_T_d.dtype) @ v_B_k_T_d
+    return out.view(b, h, s, d), lse.view(b, h, s)
 
 
 class _Resolved:

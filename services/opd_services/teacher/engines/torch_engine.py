@@ -5,8 +5,9 @@ How it scores a batch:
      prefix run it once and the rest on its KV, and prefixes come from the prefix KV cache
      when they are there (engines/prefix.py; the hidden states are the same);
   2) gather only the hidden states that predict positions [s, L) of each sequence;
-  3) push those rows through the LM head in chunks, each chunk's logits in float32:
-     log-softmax statistics, the target logprob, top-k, candidates and entropy;
+  3) push those rows through the LM head in chunks, each chunk's logits in float32 (a bfloat16 /
+     float16 model's head matmul included: `Float32Head`): log-softmax statistics, the target
+     logprob, top-k, candidates and entropy;
   4) split the rows back per sequence.
 The full [batch, length, vocab] logits tensor is never built. Causal attention means right
 padding cannot change any real position's result.
@@ -24,6 +25,7 @@ This module does not validate requests, batch them, or know about any wire forma
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from pathlib import Path
@@ -47,12 +49,17 @@ class OneDnnLinear(torch.nn.Linear):
     """nn.Linear whose forward is oneDNN's matmul, for inference on CPU. torch's CPU default for a
     float32 matmul is MKL, which runs an AVX2 path on AMD CPUs: on this repository's 2-core AMD VM
     oneDNN does the body-heavy bench model's linears 2.2-2.7x faster (430 vs 160-195 GFLOP/s) and
-    its whole forward 1.6x (bench/RESULTS.md, "Prefix-shared scoring"); vLLM's CPU backend uses
+    one unshared P4a batch from 2,500 to 3,160 tokens/s (bench/RESULTS.md, "Engine changes
+    behind the P4 figures"); vLLM's CPU backend uses
     oneDNN too. Same weights, same module (its class is swapped in place); results differ from
     MKL's by float32 rounding (~3e-6 on unit-scale outputs)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def use_onednn_linears(model: torch.nn.Module) -> bool:
@@ -62,7 +69,7 @@ def use_onednn_linears(model: torch.nn.Module) -> bool:
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
     if not linears or linears[0].weight.device.type != "cpu" or linears[0].weight.dtype != torch.float32:
         return False
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+    if not onednn_available():
         log.warning("torch engine: oneDNN is not available in this torch build; linears use torch's default")
         return False
     probe = linears[0]
@@ -123,13 +130,89 @@ def model_parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:
     return body, head
 
 
+class Float32Head(torch.nn.Module):
+    """A bfloat16 / float16 model's nn.Linear LM head, computing its logits in float32: the same
+    weights, each logit the float32 sum of the exact products of the model's 16-bit hidden states
+    and weights (a 16-bit matmul rounds every logit to the model's dtype: to 8 bits in bfloat16,
+    ~0.03 on a logit of 8). What forward() does after its head (soft-capping, scaling) then runs
+    in float32 too. On CUDA the 16-bit matmul returns float32 itself (torch.mm's out_dtype: tensor
+    cores, no copy of the weight); elsewhere both sides are upcast, the weight once per batch
+    (`batch`), as a CPU has no 16-bit matmul returning float32; with `onednn` (set by the engine on
+    CPU) that float32 matmul is oneDNN's, 1.7x MKL's on the 2-core AMD VM (vocab 152k, hidden 1024).
+    The cost on that VM: the head takes 1.5-1.8x a bfloat16 head's time (a chunk reads twice the
+    bytes of weight); a whole bfloat16 batch (8 x 512 tokens, 2,048 scored) 1.17x on the bench
+    model's shape (vocab 32k, hidden 256), 1.37x at vocab 152k, hidden 512."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.linear = linear
+        self.native = linear.weight.device.type == "cuda" and _mm_returns_float32(linear.weight)
+        self.onednn = False
+        self._weight32: torch.Tensor | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
+
+    @contextlib.contextmanager
+    def batch(self):
+        """Within it, every chunk reuses one float32 copy of the weight (where it is upcast)."""
+        if not self.native:
+            self._weight32 = self.linear.weight.float()
+        try:
+            yield
+        finally:
+            self._weight32 = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        w = self.linear.weight
+        bias = None if self.linear.bias is None else self.linear.bias.float()
+        if self.native:
+            x_N_H = hidden.reshape(-1, hidden.shape[-1]).to(w.dtype)
+            logits = torch.mm(x_N_H, w.t(), out_dtype=torch.float32).view(*hidden.shape[:-1], w.shape[0])
+            return logits if bias is None else logits + bias
+        w32 = self._weight32 if self._weight32 is not None else w.float()
+        if self.onednn:
+            return torch.ops.mkldnn._linear_pointwise(hidden.float(), w32, bias, "none", [], "")
+        return torch.nn.functional.linear(hidden.float(), w32, bias)
+
+
+def _mm_returns_float32(weight: torch.Tensor) -> bool:
+    """Whether torch.mm(out_dtype=float32) runs on this 16-bit weight's device and gives the float32
+    sums (checked on a probe against float64: a result rounded to 16 bits fails it)."""
+    x = torch.randn(8, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    with torch.no_grad():
+        w = weight[:256]
+        try:
+            got = torch.mm(x, w.t(), out_dtype=torch.float32)
+        except (RuntimeError, TypeError, NotImplementedError):
+            return False
+        want = x.double() @ w.double().t()
+    return got.dtype == torch.float32 and bool(torch.allclose(got.double(), want, rtol=1e-4,
+                                                              atol=1e-4 * float(want.abs().max())))
+
+
+def _swapped(module: torch.nn.Module, path: list[str], new: torch.nn.Module) -> torch.nn.Module:
+    """A shallow copy of `module` with its submodule at `path` replaced by `new`; every module on
+    the way is copied the same way, so `module` itself is not changed."""
+    out = copy.copy(module)
+    out._modules = dict(module._modules)
+    out._modules[path[0]] = new if len(path) == 1 else _swapped(module._modules[path[0]], path[1:], new)
+    return out
+
+
 def head_model(model, body_output_cls: type) -> torch.nn.Module:
     """A shallow copy of `model` (same modules and weights, the LM head included) whose base model
     is `_GivenHidden`: its `forward(inputs_embeds=hidden_1_n_H).logits` are the model's logits for
-    those hidden states. The model itself is not changed (generation keeps running it)."""
-    head = copy.copy(model)
-    head._modules = dict(model._modules)
-    head._modules[model.base_model_prefix] = _GivenHidden(body_output_cls)
+    those hidden states, in float32 (a 16-bit nn.Linear head runs as `Float32Head`). The model
+    itself is not changed (generation keeps running it)."""
+    prefix = model.base_model_prefix
+    head = _swapped(model, [prefix], _GivenHidden(body_output_cls))
+    out = model.get_output_embeddings()
+    if type(out) is torch.nn.Linear and out.weight.dtype in (torch.bfloat16, torch.float16):
+        path = next(name for name, m in model.named_modules() if m is out).split(".")
+        if path[0] != prefix:
+            head = _swapped(head, path, Float32Head(out))
     return head
 
 
@@ -158,6 +241,9 @@ class TorchEngine:
         self.chunk_rows = max(16, CHUNK_BYTES // (4 * self.vocab_size))
         self._exact_attention(Path(model_dir).name)
         self.head_model = head_model(self.model, self._body_output_cls())
+        self.head32 = next((m for m in self.head_model.modules() if isinstance(m, Float32Head)), None)
+        if self.head32 is not None and not self.head32.native:
+            self.head32.onednn = cpu_onednn and self.device.type == "cpu" and onednn_available()
         self.share_prefixes = False
         self.prefix_cache = None
         self._check_head(Path(model_dir).name)
@@ -240,7 +326,7 @@ class TorchEngine:
                 f"last_hidden_state")
 
     def close(self) -> None:
-        self.model = self.body = self.head = self.head_model = None
+        self.model = self.body = self.head = self.head_model = self.head32 = None
         if self.prefix_cache is not None:
             self.prefix_cache.clear()
 
@@ -269,10 +355,11 @@ class TorchEngine:
         want_entropy = any(it.entropy for it in items)
         want_rank = any(it.rank for it in items)
         out = _Rows(targets_N.shape[0], k, width, want_entropy, want_rank)
-        for lo in range(0, targets_N.shape[0], self.chunk_rows):
-            hi = min(lo + self.chunk_rows, targets_N.shape[0])
-            self._head_chunk(hidden_N_H[lo:hi], targets_N[lo:hi], temps_N[lo:hi],
-                             None if cands_N_C is None else cands_N_C[lo:hi], k, want_entropy, want_rank, out, lo)
+        with self.head32.batch() if self.head32 is not None else contextlib.nullcontext():
+            for lo in range(0, targets_N.shape[0], self.chunk_rows):
+                hi = min(lo + self.chunk_rows, targets_N.shape[0])
+                self._head_chunk(hidden_N_H[lo:hi], targets_N[lo:hi], temps_N[lo:hi],
+                                 None if cands_N_C is None else cands_N_C[lo:hi], k, want_entropy, want_rank, out, lo)
         # 4) split per sequence
         return out.split(items)
 
