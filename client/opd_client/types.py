@@ -105,6 +105,12 @@ class ScoreResponse:
 # ---- rollouts: what flows through the queue (encoded by opd_client.codec) ------------------
 # Axes: L = the rollout's tokens; T = L - score_from, the scored (completion) positions.
 
+def is_int(x) -> bool:
+    """An integer, Python's or numpy's, and not a boolean (True is an int to Python): the one test of an
+    integer field the client and the teacher both make."""
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
 def check_unicode(text: str, field: str) -> None:
     """InvalidRequest naming `field` where `text` holds a lone surrogate (no Unicode character, no UTF-8):
     the one check the client and the teacher both make."""
@@ -164,7 +170,7 @@ class Rollout:
             raise InvalidRequest("id", f"must be a string, got {type(self.id).__name__}")
         tok = _array("token_ids", self.token_ids, np.int32, (-1,))
         s = self.score_from
-        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s <= len(tok):
+        if not is_int(s) or not 0 <= s <= len(tok):
             raise InvalidRequest("score_from", f"must be an integer in [0, {len(tok)}] for {len(tok)} tokens, got {s!r}")
         t = len(tok) - int(s)
         mask = np.ones(t, np.uint8) if self.loss_mask is None else _array("loss_mask", self.loss_mask, np.uint8, (t,))
@@ -172,7 +178,7 @@ class Rollout:
                else _array("behaviour_logprobs", self.behaviour_logprobs, np.float32, (t,)))
         if not isinstance(self.metadata, dict):
             raise InvalidRequest("metadata", f"must be a dict, got {type(self.metadata).__name__}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
+        if not is_int(self.top_k) or self.top_k < 0:
             raise InvalidRequest("top_k", f"must be an integer >= 0, got {self.top_k!r}")
         for k, v in (("token_ids", tok), ("score_from", int(s)), ("loss_mask", mask),
                      ("behaviour_logprobs", blp), ("policy_version", int(self.policy_version)),

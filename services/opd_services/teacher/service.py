@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from opd_client.types import ModelInfo
+from opd_client.types import ModelInfo, is_int
 from opd_services import metrics
 from opd_services.config import Settings
 from opd_services.errors import ConfigError, InvalidRequest, NotFound, ResourceExhausted, Unavailable
@@ -299,14 +299,14 @@ class ScoringService:
         """The same checks as scoring, for prompts and sampling parameters."""
         info, s = self.model_info(), self.settings
         mt = req.max_tokens
-        if not _is_int(mt) or not 1 <= mt <= s.max_generate_tokens:
+        if not is_int(mt) or not 1 <= mt <= s.max_generate_tokens:
             raise InvalidRequest("max_tokens", f"must be an integer in [1, {s.max_generate_tokens}], got {mt!r}")
         t = req.temperature
         if not _is_number(t) or not math.isfinite(t) or t < 0:
             raise InvalidRequest("temperature", f"must be a finite number >= 0 (0 = greedy), got {t!r}")
         stops = _int_array("stop_ids", list(req.stop_ids) if req.stop_ids is not None else [], 1)
         check_vocab("stop_ids", stops, info.vocab_size)
-        if req.seed is not None and (not _is_int(req.seed) or not 0 <= req.seed < 2**63):
+        if req.seed is not None and (not is_int(req.seed) or not 0 <= req.seed < 2**63):
             raise InvalidRequest("seed", f"must be an integer in [0, 2^63), got {req.seed!r}")
         _check_count("prompts", req.prompts, s.max_request_sequences, "prompt")
         prompts, total = [], 0
@@ -331,7 +331,7 @@ class ScoringService:
     def validate(self, req: ScoreRequest) -> list[ScoreItem]:
         """Check every field against the contract; raise InvalidRequest naming the first bad one."""
         info, s = self.model_info(), self.settings
-        if not _is_int(req.top_k) or not 0 <= req.top_k <= s.max_top_k:
+        if not is_int(req.top_k) or not 0 <= req.top_k <= s.max_top_k:
             raise InvalidRequest("top_k", f"must be an integer in [0, {s.max_top_k}] (the server's max), got {req.top_k!r}")
         t = req.temperature
         if not _is_number(t) or not math.isfinite(t) or t <= 0:
@@ -369,10 +369,6 @@ def _int_array(field: str, value: Any, ndim: int) -> np.ndarray:
     return arr.astype(np.int64, copy=False)
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)     # True is an int to Python
-
-
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
@@ -407,7 +403,7 @@ def _validate_sequence(field: str, seq: SequenceIn, info: ModelInfo, max_cands: 
         raise InvalidRequest(f"{field}.token_ids", f"{n} tokens exceeds the model's max length {info.max_model_len}")
     check_vocab(f"{field}.token_ids", ids, info.vocab_size)
     s = 1 if seq.score_from is None else seq.score_from
-    if not _is_int(s) or not 1 <= s < n:
+    if not is_int(s) or not 1 <= s < n:
         raise InvalidRequest(f"{field}.score_from", f"must be an integer in [1, {n - 1}] for {n} tokens, got {s!r}")
     cands = None
     if seq.candidate_ids is not None:

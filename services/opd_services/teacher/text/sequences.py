@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from opd_client.types import is_int
 from opd_services.errors import InvalidRequest
 from opd_services.teacher.text.chat import render
 from opd_services.teacher.text.tokenizer import Tokenizer
@@ -73,7 +74,7 @@ def from_text(tok: Tokenizer, text: str, score_from_char: int | None, field: str
         return TextView(enc.ids_L, enc.offsets_L_2, 1, text)
     b = score_from_char
     bf = f"{field}.score_from_char"
-    if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or not 0 <= b <= len(text):
+    if not is_int(b) or not 0 <= b <= len(text):
         raise InvalidRequest(bf, f"must be a character index in [0, {len(text)}] of the text, got {b!r}")
     starts, ends = enc.offsets_L_2[:, 0], enc.offsets_L_2[:, 1]
     inside = np.flatnonzero((starts < b) & (ends > b))
