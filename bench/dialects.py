@@ -35,6 +35,7 @@ import orjson
 
 from opd_services.modeling.checkpoints import BENCH_MODEL, cached_random_llama
 from opd_services.teacher.process import TeacherProcess
+from verdict import verdict    # bench/verdict.py (a script's own folder is first on sys.path)
 
 
 CACHE = Path(os.environ.get("OPD_CACHE_DIR", Path.home() / ".cache/opd"))
@@ -118,7 +119,7 @@ def main() -> None:
                                   ("tokens", "native1", ", one sequence per request as tokens sends")):
             r = ratio(route, base, k)
             print(f"DR1 k={k} {route:<7} / native HTTP{what} ({args.engine} engine, median of {args.passes} passes)  "
-                  f"{r:6.3f}  (target >= 0.9)  {'PASS' if r >= 0.9 else 'MISS'}")
+                  f"{r:6.3f}  {verdict(r, 0.9)}")
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
     print("json:", json.dumps(fig))
 

@@ -38,6 +38,7 @@ from opd_services.teacher.engines.vllm_engine import CPU_ENV_DEFAULTS
 
 # siblings in bench/ (a script's own folder is first on sys.path)
 import peer_p4
+from verdict import verdict
 from vllm_peer import VllmServe
 
 
@@ -209,8 +210,7 @@ def run_inprocess_torch(model: str, reqs, rounds: int, fig: dict) -> None:
 def ratio(name: str, value: float, target: float | None, op: str = ">=") -> str:
     if target is None:
         return f"{name:<62} {value:9.3f}  (report)"
-    ok = value >= target if op == ">=" else value <= target
-    return f"{name:<62} {value:9.3f}  (target {op} {target})  {'PASS' if ok else 'MISS'}"
+    return f"{name:<62} {value:9.3f}  {verdict(value, target, op)}"
 
 
 def report(fig: dict) -> list[str]:

@@ -29,6 +29,7 @@ import orjson
 from opd_client import AsyncTeacherClient, Sequence
 from opd_services.modeling.checkpoints import BENCH_MODEL, LlamaShape, cached_random_llama
 
+from verdict import verdict        # bench/verdict.py
 from vllm_peer import VllmServe   # bench/vllm_peer.py (this folder is first on sys.path)
 
 BODY_HEAVY = LlamaShape(8192, 512, 8, 8, 8, 1376, 4096)
@@ -156,9 +157,9 @@ def report(fig: dict, tags: list[str]) -> list[str]:
                     peer = max(fig[f"{base}/vllm-serve"], fig[f"{base}/vllm-serve-pc"])
                     ours, unshared = fig[f"{base}/ours"], fig[f"{base}/ours-unshared"]
                     target = TARGETS.get(wl) if tag == "body" else None
-                    verdict = "" if target is None else f"  (target >= {target}) {'PASS' if ours / peer >= target else 'MISS'}"
+                    held = "" if target is None else f"  {verdict(ours / peer, target)}"
                     lines.append(f"{base:<28} ours {ours:8,.0f} | unshared {unshared:8,.0f} | vllm serve best "
-                                 f"{peer:8,.0f} | ours/peer {ours / peer:5.2f}{verdict} | shared/unshared "
+                                 f"{peer:8,.0f} | ours/peer {ours / peer:5.2f}{held} | shared/unshared "
                                  f"{ours / unshared:5.2f}")
     return lines
 

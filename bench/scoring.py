@@ -26,6 +26,7 @@ from opd_services.modeling.checkpoints import BENCH_MODEL, cached_random_llama
 from opd_services.teacher.engines.base import ScoreItem
 from opd_services.teacher.engines.torch_engine import TorchEngine
 from opd_services.teacher.process import TeacherProcess
+from verdict import verdict    # bench/verdict.py (a script's own folder is first on sys.path)
 
 
 CACHE = Path(os.environ.get("OPD_CACHE_DIR", Path.home() / ".cache/opd"))
@@ -111,8 +112,7 @@ def peak_rss_child(model_dir: str) -> None:
 
 
 def ratio_line(name: str, value: float, target: float, op: str = ">=") -> str:
-    ok = value >= target if op == ">=" else value <= target
-    return f"{name:<58} {value:8.3f}  (target {op} {target})  {'PASS' if ok else 'MISS'}"
+    return f"{name:<58} {value:8.3f}  {verdict(value, target, op)}"
 
 
 def main() -> None:

@@ -37,6 +37,7 @@ from opd_services.metrics import scrape_sum
 from opd_services.redis_embed import EmbeddedRedis
 from opd_services.teacher.process import TeacherProcess
 from opd_services.tenancy.registry import Registry
+from verdict import verdict    # bench/verdict.py (a script's own folder is first on sys.path)
 
 
 HERE = Path(__file__).parent
@@ -204,8 +205,8 @@ def plot(latency: dict, path: Path) -> list[dict]:
     return rows
 
 
-def line(name: str, value: float, target: str, ok: bool) -> str:
-    return f"{name:<52} {value:10.3f}  (target {target})  {'PASS' if ok else 'MISS'}"
+def line(name: str, value: float, op: str, target: float) -> str:
+    return f"{name:<52} {value:10.3f}  {verdict(value, target, op)}"
 
 
 def main() -> int:
@@ -281,11 +282,11 @@ def main() -> int:
           f"{cache_mb[0]:.1f} -> {cache_mb[1]:.1f} MB; teacher RSS {t_rss[0]:.1f} -> {t_rss[1]:.1f} MB")
     for r in per_minute:
         print(f"minute {r['minute']:>2}: {r['n']:>6} scores  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms")
-    checks = [line("errors (clients, queue, scorer exits)", errors, "== 0", errors == 0),
-              line("rollouts lost or dead", lost + dead, "== 0", lost + dead == 0),
-              line("teacher RSS growth after minute 1", t_rss[2], "<= 0.05", t_rss[2] <= 0.05),
-              line("scorer RSS growth, last vs first incarnation", sc_growth, "<= 0.05", sc_growth <= 0.05),
-              line("teacher open fds growth after minute 1", s_fd[1] - s_fd[0], "<= 5", s_fd[1] - s_fd[0] <= 5)]
+    checks = [line("errors (clients, queue, scorer exits)", errors, "==", 0),
+              line("rollouts lost or dead", lost + dead, "==", 0),
+              line("teacher RSS growth after minute 1", t_rss[2], "<=", 0.05),
+              line("scorer RSS growth, last vs first incarnation", sc_growth, "<=", 0.05),
+              line("teacher open fds growth after minute 1", s_fd[1] - s_fd[0], "<=", 5)]
     print("\n".join(checks))
     return 0 if all(c.endswith("PASS") for c in checks) else 1
 

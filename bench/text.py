@@ -28,6 +28,7 @@ import orjson
 
 from opd_services.modeling.checkpoints import FamilyShape, cached_family
 from opd_services.teacher.process import TeacherProcess
+from verdict import verdict    # bench/verdict.py (a script's own folder is first on sys.path)
 
 
 CACHE = Path(os.environ.get("OPD_CACHE_DIR", Path.home() / ".cache/opd"))
@@ -113,7 +114,7 @@ def main() -> None:
                 print(f"  pass {attempt + 1} {route:<4} {rate:8,.0f} tok/s", flush=True)
     g2 = float(np.median([a / b for a, b in zip(fig["text"], fig["ids"])]))
     print(f"G2 text route / id route ({args.clients} clients, median of {args.passes} passes)  {g2:6.3f}  "
-          f"(target >= 0.9)  {'PASS' if g2 >= 0.9 else 'MISS'}")
+          f"{verdict(g2, 0.9)}")
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
     print("json:", json.dumps(fig))
 

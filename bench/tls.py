@@ -28,6 +28,7 @@ from cryptography.x509.oid import NameOID
 from opd_client import TLS, AsyncTeacherClient, Sequence
 from opd_services.modeling.checkpoints import BENCH_MODEL, cached_random_llama
 from opd_services.teacher.process import TeacherProcess
+from verdict import verdict    # bench/verdict.py (a script's own folder is first on sys.path)
 
 
 CACHE = Path(os.environ.get("OPD_CACHE_DIR", Path.home() / ".cache/opd"))
@@ -112,7 +113,7 @@ def main() -> None:
         p, t = (totals[(surface, m)][0] / totals[(surface, m)][1] for m in ("plain", "tls"))
         ratio = t / p
         print(f"{surface:<4} plaintext {p:8.0f} tok/s | TLS {t:8.0f} tok/s | TLS / plaintext {ratio:6.3f}  "
-              f"(target >= 0.95)  {'PASS' if ratio >= 0.95 else 'MISS'}")
+              f"{verdict(ratio, 0.95)}")
 
 
 if __name__ == "__main__":
