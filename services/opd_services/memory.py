@@ -1,18 +1,18 @@
 """Process memory: make glibc's malloc reuse freed memory for large blocks.
 
-A scoring forward allocates activations of tens of MB per layer ([tokens, intermediate] float32
-is 56 MB for 10k tokens). glibc serves every block over its mmap threshold (at most 32 MB) with a
-fresh mmap and unmaps it on free, so each batch page-faults its working set in again: measured
-on the 2-core AMD VM (bench/RESULTS.md, "Engine changes behind the P4 figures"), 2.8 GB of page faults per
-unshared P4a batch, a quarter of its time in the kernel. `reuse_freed_memory` turns that off for
-the process: one arena (every thread's blocks come from the same heap, so a block freed by one
-batch serves the next), no mmap for large blocks, no trimming of the heap's top. The cost: the
-heap would never shrink after a large batch, so `give_back_free_memory` (the batcher calls it
-between batches) returns the heap's free pages to the OS at most once a minute (malloc_trim): one
-batch's working set is faulted in again per minute instead of on every batch. (A 10-minute soak
-read the same teacher RSS growth with this on and off: bench/RESULTS.md, "Soak".) vLLM's CPU
-backend gets the reuse by preloading tcmalloc. `reuse_freed_memory` is called by `opd serve` at start-up, before any thread exists (a
-thread keeps the arena it first used).
+A scoring forward allocates activations of tens of MB per layer ([tokens, intermediate] float32 is
+56 MB for 10k tokens). glibc serves every block over its mmap threshold (at most 32 MB) with a
+fresh mmap and unmaps it on free, so each batch page-faults its working set in again: measured on
+the 2-core AMD VM (bench/RESULTS.md, "Engine changes behind the P4 figures"), 2.8 GB of page
+faults per unshared P4a batch, a quarter of its time in the kernel. `reuse_freed_memory` turns
+that off for the process: one arena (every thread's blocks come from the same heap, so a block
+freed by one batch serves the next), no mmap for large blocks, no trimming of the heap's top. The
+cost: the heap would never shrink after a large batch, so `give_back_free_memory` (the batcher
+calls it between batches) returns the heap's free pages to the OS at most once a minute
+(malloc_trim): one batch's working set is faulted in again per minute instead of on every batch.
+(A 10-minute soak read the same teacher RSS growth with this on and off: bench/RESULTS.md,
+"Soak".) vLLM's CPU backend gets the reuse by preloading tcmalloc. `reuse_freed_memory` is called
+by `opd serve` at start-up, before any thread exists (a thread keeps the arena it first used).
 """
 from __future__ import annotations
 
